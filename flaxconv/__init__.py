@@ -1,0 +1,39 @@
+"""flaxconv: convolutional image classifiers as pure, jitted JAX functions.
+
+>>> import jax, flaxconv as fc
+>>> model = fc.models.get("dlwp_mnist")
+>>> tx = fc.optim.make("rmsprop", learning_rate=1e-3)
+>>> state = fc.create_train_state(jax.random.key(0), model, tx, images[:1])
+>>> state, metrics = fc.train_step(state, {"image": images, "label": labels})
+"""
+
+from flaxconv import models, optim
+from flaxconv.state import TrainState, create_train_state, num_params
+from flaxconv.steps import (
+    add_metrics,
+    eval_step,
+    eval_step_fn,
+    predict,
+    predict_fn,
+    summarize,
+    train_step,
+    train_step_fn,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TrainState",
+    "add_metrics",
+    "create_train_state",
+    "eval_step",
+    "eval_step_fn",
+    "models",
+    "num_params",
+    "optim",
+    "predict",
+    "predict_fn",
+    "summarize",
+    "train_step",
+    "train_step_fn",
+]

@@ -1,0 +1,95 @@
+"""The configurable convolutional classifier behind every preset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxconv.models.layers import Conv, Flatten, MaxPool, initializer
+
+
+class ConvStack(nn.Module):
+    """Conv blocks, then a dense head: the shape of every textbook convnet.
+
+    ``[N, H, W, C] float -> [N, num_classes]`` logits (the loss folds in the softmax).
+    Layer names are stable so summaries, feature maps and freezing masks can refer to them:
+    ``conv_i`` (and ``bn_i``), ``pool_i`` after conv ``i``, ``flatten``, ``dense_j``, ``head``.
+
+    Attributes:
+      features: output channels of each conv layer (3x3 by default), each followed by relu.
+      pool: per conv layer, whether a 2x2 max-pool follows it; ``None`` pools after every
+        conv layer but the last (the *Deep Learning with Python* layout).
+      hidden: widths of the relu dense layers between ``flatten`` and ``head``.
+      num_classes: width of the logits.
+      kernel_size, padding: for every conv layer (Keras defaults: 3x3, "VALID").
+      batch_norm: a BatchNorm (Keras's momentum 0.99, epsilon 1e-3) between each conv and relu.
+      dropout_rate: dropout right before ``head``, active only with ``train=True``.
+      conv_impl: "auto" | "xla" | "im2col" (see ``flaxconv.models.layers``).
+      kernel_init: initializer name; Keras's glorot-uniform reproduces the textbook numbers.
+      dtype: computation dtype, e.g. ``jnp.bfloat16`` for mixed precision; parameters,
+        the logits and the loss stay float32.
+    """
+
+    features: Sequence[int] = (32, 64, 128)
+    pool: Sequence[bool] | None = None
+    hidden: Sequence[int] = ()
+    num_classes: int = 10
+    kernel_size: tuple[int, int] = (3, 3)
+    padding: str = "VALID"
+    batch_norm: bool = False
+    dropout_rate: float = 0.0
+    conv_impl: str = "auto"
+    kernel_init: str = "glorot_uniform"
+    dtype: Any = None
+
+    def pool_after(self) -> tuple[bool, ...]:
+        if self.pool is None:
+            return tuple(i < len(self.features) - 1 for i in range(len(self.features)))
+        if len(self.pool) != len(self.features):
+            raise ValueError(
+                f"pool has {len(self.pool)} entries, expected one per conv layer "
+                f"({len(self.features)})"
+            )
+        return tuple(bool(p) for p in self.pool)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        dtype = self.dtype or jnp.float32
+        x = x.astype(dtype)
+        for i, (width, pool) in enumerate(zip(self.features, self.pool_after(), strict=True)):
+            x = Conv(
+                width,
+                self.kernel_size,
+                padding=self.padding,
+                use_bias=not self.batch_norm,
+                impl=self.conv_impl,
+                kernel_init=self.kernel_init,
+                dtype=dtype,
+                name=f"conv_{i}",
+            )(x)
+            if self.batch_norm:
+                x = nn.BatchNorm(
+                    use_running_average=not train,
+                    momentum=0.99,
+                    epsilon=1e-3,
+                    dtype=dtype,
+                    name=f"bn_{i}",
+                )(x)
+            x = nn.relu(x)
+            if pool:
+                x = MaxPool(2, name=f"pool_{i}")(x)
+        x = Flatten(name="flatten")(x)
+        for j, width in enumerate(self.hidden):
+            x = nn.relu(self._dense(width, f"dense_{j}")(x))
+        if self.dropout_rate:
+            x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
+        return self._dense(self.num_classes, "head")(x).astype(jnp.float32)
+
+    def _dense(self, width: int, name: str) -> nn.Dense:
+        return nn.Dense(
+            width, kernel_init=initializer(self.kernel_init), dtype=self.dtype, name=name
+        )

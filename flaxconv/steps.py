@@ -1,0 +1,174 @@
+"""The pure training, evaluation and prediction steps.
+
+A batch is a dict::
+
+    {"image": uint8 or float[B, H, W, C],   # uint8 is scaled to [0, 1] on device
+     "label": int[B],
+     "mask":  bool[B]}                      # optional; False rows (padding) count nowhere
+
+Metrics come back as sums over the batch, so dataset-level numbers are exact sums over
+batches (see :func:`summarize`):
+
+    {"loss_sum": f32[], "correct": f32[], "count": f32[]}     # eval_step adds "confusion"
+
+``train_step``, ``eval_step`` and ``predict`` are ``jax.jit``-ed and do not donate their
+inputs (a caller's earlier state stays valid); ``*_fn`` are the same functions un-jitted,
+for composing inside a caller's own ``jit``/``scan``/``vmap``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flaxconv.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def prepare_images(images: jax.Array) -> jax.Array:
+    """uint8 ``[B, H, W, C]`` in 0..255 → float32 in [0, 1]; float images pass unchanged."""
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) * (1.0 / 255.0)
+    if jnp.issubdtype(images.dtype, jnp.floating):
+        return images
+    raise TypeError(f"images have dtype {images.dtype}; expected uint8 (0..255) or a float dtype")
+
+
+def check_images(state: TrainState, images: Any) -> None:
+    """Raises a ValueError/TypeError naming the shape/dtype found and the one expected.
+
+    Runs on shapes only, so inside a jitted step it costs nothing after tracing.
+    """
+    expected = ("B", *state.input_shape)
+    shape = tuple(np.shape(images))
+    if len(shape) != 4 or shape[1:] != tuple(state.input_shape):
+        raise ValueError(f"batch['image'] has shape {shape}; expected {expected}")
+    dtype = jnp.dtype(images.dtype)
+    if dtype != jnp.uint8 and not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"batch['image'] has dtype {dtype}; expected uint8 (0..255) or a float dtype"
+        )
+
+
+def check_batch(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Validates a batch (at trace time) and returns ``(images, labels, mask)``."""
+    if not isinstance(batch, dict) or "image" not in batch or "label" not in batch:
+        got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"batch is {got}; expected a dict with 'image' and 'label' (and 'mask')")
+    images, labels = batch["image"], batch["label"]
+    check_images(state, images)
+    n = np.shape(images)[0]
+    if tuple(np.shape(labels)) != (n,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(
+            f"batch['label'] is {jnp.dtype(labels.dtype)}{list(np.shape(labels))}; "
+            f"expected integer class ids of shape [{n}]"
+        )
+    mask = batch.get("mask")
+    if mask is None:
+        mask = jnp.ones((n,), jnp.float32)
+    elif tuple(np.shape(mask)) != (n,):
+        raise ValueError(f"batch['mask'] has shape {tuple(np.shape(mask))}; expected ({n},)")
+    return prepare_images(images), labels.astype(jnp.int32), mask.astype(jnp.float32)
+
+
+def batch_metrics(logits: jax.Array, labels: jax.Array, losses: jax.Array, mask: jax.Array):
+    """Summable metrics of one batch: masked loss sum, correct count, example count."""
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {
+        "loss_sum": jnp.sum(losses * mask),
+        "correct": jnp.sum(correct * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def loss_fn(
+    params: Any, state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, tuple[Metrics, Any]]:
+    """Mean softmax cross-entropy over the unmasked examples, in training mode.
+
+    Returns ``(loss, (metric sums, new batch_stats))``; differentiable in ``params``.
+    """
+    mutable = ["batch_stats"] if state.batch_stats else False
+    out = state.model.apply(
+        state.variables(params), images, train=True, rngs=state.step_rngs(), mutable=mutable
+    )
+    logits, updates = out if mutable else (out, {})
+    logits = logits.astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    metrics = batch_metrics(logits, labels, losses, mask)
+    return loss, (metrics, updates.get("batch_stats", state.batch_stats))
+
+
+def train_step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    """One optimizer update on ``batch``; pure (see :data:`train_step`)."""
+    images, labels, mask = check_batch(state, batch)
+    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+        state.params, state, images, labels, mask
+    )
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        batch_stats=batch_stats,
+    )
+    return new_state, metrics
+
+
+def eval_step_fn(state: TrainState, batch: Batch) -> Metrics:
+    """Metric sums of the model in inference mode on ``batch``; pure.
+
+    Returns ``loss_sum``, ``correct``, ``count`` (float32 scalars) and ``confusion``
+    (float32 ``[num_classes, num_classes]``, rows = true class, columns = predicted).
+    """
+    images, labels, mask = check_batch(state, batch)
+    logits = state.model.apply(state.variables(), images, train=False).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    metrics = batch_metrics(logits, labels, losses, mask)
+    num_classes = logits.shape[-1]
+    onehot_true = jax.nn.one_hot(labels, num_classes) * mask[:, None]
+    onehot_pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)
+    metrics["confusion"] = onehot_true.T @ onehot_pred
+    return metrics
+
+
+def predict_fn(state: TrainState, images: jax.Array) -> jax.Array:
+    """Float32 logits ``[B, num_classes]`` in inference mode for uint8 or float images."""
+    check_images(state, images)
+    return state.model.apply(state.variables(), prepare_images(images), train=False).astype(
+        jnp.float32
+    )
+
+
+#: ``train_step(state, batch) -> (state, metrics)``: jitted, no donation.
+train_step = jax.jit(train_step_fn)
+#: ``eval_step(state, batch) -> metrics``: jitted.
+eval_step = jax.jit(eval_step_fn)
+#: ``predict(state, images) -> logits``: jitted.
+predict = jax.jit(predict_fn)
+
+
+def summarize(sums: Metrics) -> dict[str, float]:
+    """Dataset-level numbers from summed metrics: ``loss`` and ``accuracy`` (plain floats).
+
+    ``sums`` is a (sum of) ``train_step``/``eval_step`` metrics; a leading population axis
+    is allowed, then each value is a numpy array with one entry per member.
+    """
+    count = np.maximum(np.asarray(sums["count"], np.float64), 1.0)
+    out = {
+        "loss": np.asarray(sums["loss_sum"], np.float64) / count,
+        "accuracy": np.asarray(sums["correct"], np.float64) / count,
+    }
+    return {k: (float(v) if np.ndim(v) == 0 else v) for k, v in out.items()}
+
+
+def add_metrics(a: Metrics | None, b: Metrics) -> Metrics:
+    """Elementwise sum of two metric-sum dicts (``a`` may be None)."""
+    return b if a is None else jax.tree.map(jnp.add, a, b)
