@@ -1,0 +1,220 @@
+"""The public step functions: purity, learning, exact metric sums, vmap/scan, bad input."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import flaxconv as fc
+
+
+def make_state(model="dlwp_mnist", optimizer="rmsprop", seed=0, **model_options):
+    model = fc.models.get(model, **model_options)
+    tx = fc.optim.make(optimizer, learning_rate=1e-3)
+    return fc.create_train_state(jax.random.key(seed), model, tx, np.zeros((1, 28, 28, 1)))
+
+
+def random_batch(n=32, seed=0, classes=10):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+        "label": rng.integers(0, classes, n).astype(np.int32),
+    }
+
+
+@pytest.mark.parametrize(
+    "name, params", [("dlwp_mnist", 104_202), ("dlwp_ch5", 93_322),
+                     ("fashion_cnn", 113_386), ("dense", 101_770)]
+)
+def test_presets_shapes_and_keras_param_counts(name, params):
+    state = make_state(name)
+    assert fc.num_params(state.params) == params  # the Keras summaries' totals
+    logits = fc.predict(state, random_batch(5)["image"])
+    assert logits.shape == (5, 10) and logits.dtype == jnp.float32
+    assert fc.models.get(name, num_classes=24).num_classes == 24
+
+
+def test_train_step_is_pure_and_does_not_donate():
+    state, batch = make_state(), random_batch()
+    a, metrics_a = fc.train_step(state, batch)
+    b, metrics_b = fc.train_step(state, batch)  # the first call must not consume `state`
+    chex.assert_trees_all_equal(a.params, b.params)
+    chex.assert_trees_all_equal(metrics_a, metrics_b)
+    assert int(a.step) == 1 and int(state.step) == 0
+
+
+def test_loss_falls_on_a_fixed_batch():
+    state, batch = make_state(), random_batch(64)
+    first = None
+    for _ in range(30):
+        state, metrics = fc.train_step(state, batch)
+        first = first if first is not None else fc.summarize(metrics)["loss"]
+    assert fc.summarize(metrics)["loss"] < 0.8 * first
+
+
+def test_eval_sums_are_equal_over_uneven_batch_splits():
+    state, batch = make_state(), random_batch(50)
+    whole = fc.eval_step(state, batch)
+    total = None
+    for lo, hi in [(0, 7), (7, 30), (30, 50)]:
+        part = {k: v[lo:hi] for k, v in batch.items()}
+        total = fc.add_metrics(total, fc.eval_step(state, part))
+    chex.assert_trees_all_close(whole, total, rtol=1e-5)
+    assert float(whole["count"]) == 50 and float(whole["confusion"].sum()) == 50
+
+
+def test_masked_rows_count_nowhere():
+    state, batch = make_state(), random_batch(16)
+    padded = {k: np.concatenate([v, v[:4]]) for k, v in batch.items()}
+    padded["mask"] = np.arange(20) < 16
+    chex.assert_trees_all_close(fc.eval_step(state, batch), fc.eval_step(state, padded),
+                                rtol=1e-5)
+    a, _ = fc.train_step(state, batch)
+    b, _ = fc.train_step(state, padded)
+    chex.assert_trees_all_close(a.params, b.params, rtol=1e-5, atol=1e-7)
+
+
+def test_train_step_under_vmap_trains_k_models():
+    keys = jax.random.split(jax.random.key(0), 3)
+    model = fc.models.get("dlwp_mnist")
+    tx = fc.optim.make("sgd", learning_rate=0.1)
+    states = jax.vmap(lambda k: fc.create_train_state(k, model, tx, np.zeros((1, 28, 28, 1))))(
+        keys
+    )
+    batch = random_batch(8)
+    shared, metrics = jax.vmap(fc.train_step, in_axes=(0, None))(states, batch)
+    assert metrics["loss_sum"].shape == (3,)
+    batches = {k: np.stack([v] * 3) for k, v in batch.items()}
+    per_member, _ = jax.vmap(fc.train_step, in_axes=(0, 0))(states, batches)
+    chex.assert_trees_all_close(shared.params, per_member.params, rtol=1e-5, atol=1e-7)
+    one = fc.create_train_state(keys[1], model, tx, np.zeros((1, 28, 28, 1)))
+    one, _ = fc.train_step(one, batch)
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x[1], shared.params), one.params, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_train_step_under_scan_equals_a_python_loop():
+    state = make_state()
+    batches = [random_batch(16, seed=i) for i in range(3)]
+    looped = state
+    for batch in batches:
+        looped, _ = fc.train_step(looped, batch)
+    stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    scanned, metrics = jax.lax.scan(fc.train_step, state, stacked)
+    chex.assert_trees_all_close(scanned.params, looped.params, rtol=1e-5, atol=1e-6)
+    assert metrics["loss_sum"].shape == (3,) and int(scanned.step) == 3
+
+
+def test_dropout_uses_the_step_rng_and_eval_is_deterministic():
+    state, batch = make_state(dropout_rate=0.5), random_batch(16)
+    a, _ = fc.train_step(state, batch)
+    b, _ = fc.train_step(state, batch)
+    chex.assert_trees_all_equal(a.params, b.params)  # same state -> same dropout mask
+    np.testing.assert_array_equal(fc.predict(a, batch["image"]), fc.predict(a, batch["image"]))
+
+
+def test_batch_norm_statistics_update_in_training_only():
+    state, batch = make_state(batch_norm=True), random_batch(16)
+    new, _ = fc.train_step(state, batch)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.batch_stats,
+                         new.batch_stats)
+    assert max(jax.tree.leaves(moved)) > 0
+    fc.eval_step(new, batch)  # inference mode: no mutation needed
+
+
+def test_wrong_image_shape_names_both_shapes():
+    state = make_state()
+    with pytest.raises(ValueError, match=r"\(8, 32, 32, 3\).*expected \('B', 28, 28, 1\)"):
+        fc.train_step(state, {"image": np.zeros((8, 32, 32, 3), np.float32),
+                              "label": np.zeros(8, np.int32)})
+
+
+def test_wrong_dtypes_are_named():
+    state = make_state()
+    with pytest.raises(TypeError, match="int32.*expected uint8"):
+        fc.eval_step(state, {"image": np.zeros((2, 28, 28, 1), np.int32),
+                             "label": np.zeros(2, np.int32)})
+    with pytest.raises(ValueError, match="float32.*expected integer class ids"):
+        fc.eval_step(state, {"image": np.zeros((2, 28, 28, 1), np.float32),
+                             "label": np.zeros(2, np.float32)})
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="dlwp_mnist"):
+        fc.models.get("resnet9000")
+    with pytest.raises(ValueError, match="rmsprop"):
+        fc.optim.make("adagrad")
+    with pytest.raises(ValueError, match="rho"):
+        fc.optim.make("rmsprop", beta_1=0.9)
+    with pytest.raises(ValueError, match="features"):
+        fc.models.get("dense", widht=3)
+
+
+def test_rmsprop_matches_keras_formula():
+    """Keras: v = rho v + (1 - rho) g^2; w -= lr g / sqrt(v + eps)."""
+    tx = fc.optim.make("rmsprop", learning_rate=0.01, rho=0.8, epsilon=1e-3)
+    params = {"w": jnp.array([1.0, -2.0])}
+    grads = [jnp.array([0.5, 0.1]), jnp.array([-0.2, 0.3])]
+    opt_state, w, v = tx.init(params), np.array([1.0, -2.0]), np.zeros(2)
+    for g in grads:
+        updates, opt_state = tx.update({"w": g}, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        v = 0.8 * v + 0.2 * np.asarray(g) ** 2
+        w = w - 0.01 * np.asarray(g) / np.sqrt(v + 1e-3)
+    np.testing.assert_allclose(params["w"], w, rtol=1e-6)
+
+
+def test_sgd_momentum_nesterov_and_schedules():
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.full(3, 2.0)}
+    tx = fc.optim.make("sgd", learning_rate=0.1, momentum=0.9)
+    state = tx.init(params)
+    u1, state = tx.update(grads, state, params)
+    u2, state = tx.update(grads, state, params)
+    np.testing.assert_allclose(u1["w"], -0.2)
+    np.testing.assert_allclose(u2["w"], -0.1 * (2.0 + 0.9 * 2.0), rtol=1e-6)
+    nesterov = fc.optim.make("sgd", learning_rate=0.1, momentum=0.9, nesterov=True)
+    u, _ = nesterov.update(grads, nesterov.init(params), params)
+    np.testing.assert_allclose(u["w"], -0.1 * (2.0 + 0.9 * 2.0), rtol=1e-6)
+    schedule = optax.linear_schedule(1.0, 0.0, 10)
+    tx = fc.optim.make("adam", learning_rate=schedule)
+    state = tx.init(params)
+    for _ in range(5):
+        _, state = tx.update(grads, state, params)
+    assert float(fc.optim.learning_rate(state)) == pytest.approx(0.6)
+    state = fc.optim.set_learning_rate(fc.optim.make("adam", 1e-3).init(params), 1e-5)
+    assert float(fc.optim.learning_rate(state)) == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("shape", [(4, 28, 28, 1), (3, 13, 13, 32), (2, 5, 5, 64)])
+def test_im2col_conv_matches_xla_values_and_gradients(shape, strides, padding):
+    x = jax.random.normal(jax.random.key(1), shape)
+    kernel = jax.random.normal(jax.random.key(2), (3, 3, shape[-1], 16)) * 0.1
+
+    def loss(impl):
+        def f(x, kernel):
+            y = fc.models.conv2d(x, kernel, strides, padding, impl=impl)
+            return jnp.sum(jnp.sin(y)), y
+        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(x, kernel)
+
+    (value_a, y_a), grads_a = loss("xla")
+    (value_b, y_b), grads_b = loss("im2col")
+    np.testing.assert_allclose(y_a, y_b, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(grads_a, grads_b, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_impls_share_parameters_and_auto_resolves_per_backend():
+    state = make_state(conv_impl="xla")
+    images = random_batch(4)["image"]
+    other = state.replace(model=fc.models.get("dlwp_mnist", conv_impl="im2col"))
+    np.testing.assert_allclose(fc.predict(state, images), fc.predict(other, images),
+                               rtol=1e-5, atol=1e-5)
+    assert fc.models.resolve_conv_impl("auto", "cpu") == "im2col"
+    assert fc.models.resolve_conv_impl("auto", "gpu") == "xla"
+    with pytest.raises(ValueError, match="conv_impl='fft'"):
+        fc.models.resolve_conv_impl("fft")
