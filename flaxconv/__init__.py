@@ -7,7 +7,9 @@
 >>> state, metrics = fc.train_step(state, {"image": images, "label": labels})
 """
 
-from flaxconv import models, optim
+from flaxconv import callbacks, checkpoint, data, epochs, models, optim, viz
+from flaxconv.epochs import evaluate
+from flaxconv.fit import fit
 from flaxconv.state import TrainState, create_train_state, num_params
 from flaxconv.steps import (
     add_metrics,
@@ -19,21 +21,30 @@ from flaxconv.steps import (
     train_step,
     train_step_fn,
 )
+from flaxconv.viz import summary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TrainState",
     "add_metrics",
+    "callbacks",
+    "checkpoint",
     "create_train_state",
+    "data",
+    "epochs",
+    "evaluate",
     "eval_step",
     "eval_step_fn",
+    "fit",
     "models",
     "num_params",
     "optim",
     "predict",
     "predict_fn",
     "summarize",
+    "summary",
     "train_step",
     "train_step_fn",
+    "viz",
 ]

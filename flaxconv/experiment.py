@@ -47,8 +47,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Runs the experiment described by ``config``; returns the results dict it writes."""
     train_images, train_labels = data.load(config.dataset, "train")
     test_images, test_labels = data.load(config.dataset, "test")
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    model = fc.models.get(config.model, num_classes=num_classes)
+    model = fc.models.get(config.model, num_classes=data.num_classes(config.dataset))
     tx = fc.optim.make(config.optimizer, learning_rate=config.learning_rate)
     state = fc.create_train_state(jax.random.key(config.seed), model, tx, train_images[:1])
     if config.verbose != "silent":

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from flaxconv import optim
 from flaxconv.epochs import EpochPlan, epoch_plan, evaluate_fn, gather_batch, train_epoch_fn
 from flaxconv.state import TrainState, create_train_state
-from flaxconv.steps import Batch, Metrics, check_batch, check_images, loss_fn, predict_fn, summarize
+from flaxconv.steps import Batch, Metrics, check_batch, loss_fn, predict_fn, summarize
 
 #: Name of the mesh axis that :func:`shard_population` splits the members over.
 MEMBERS = "members"

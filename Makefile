@@ -1,0 +1,26 @@
+# The two commands of the quick start:  make mnist  and  make test.
+# Both create .venv (once) with flaxconv and its dev extras.
+PYTHON ?= python3
+VENV := .venv
+# Offline datasets: use ../shared/datasets when it sits beside the clone, else tfds downloads.
+FLAXCONV_DATA_DIR ?= $(abspath $(wildcard ../shared/datasets))
+export FLAXCONV_DATA_DIR
+
+.PHONY: setup mnist test lint bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	touch $@
+
+mnist: setup
+	$(VENV)/bin/python experiments/mnist_convnet.py $(ARGS)
+
+test: setup
+	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
