@@ -215,6 +215,6 @@ def test_conv_impls_share_parameters_and_auto_resolves_per_backend():
     np.testing.assert_allclose(fc.predict(state, images), fc.predict(other, images),
                                rtol=1e-5, atol=1e-5)
     assert fc.models.resolve_conv_impl("auto", "cpu") == "im2col"
-    assert fc.models.resolve_conv_impl("auto", "gpu") == "xla"
+    assert fc.models.resolve_conv_impl("auto", "tpu") == "xla"
     with pytest.raises(ValueError, match="conv_impl='fft'"):
         fc.models.resolve_conv_impl("fft")

@@ -10,7 +10,9 @@ Two formulations of the same 2-D convolution (NHWC inputs, HWIO kernels):
   slow naive loop (jax-ml/jax#12868); the matmul form keeps both on its fast GEMM path.
 
 ``"auto"`` picks per backend from measurements recorded in ``benchmarks/RESULTS.md``
-(``benchmarks/conv_impl.py`` reruns them): im2col on CPU, XLA's convolution elsewhere.
+(``benchmarks/conv_impl.py`` reruns them): im2col on CPU, where it is several times faster
+inside ``lax.scan``, and on GPU (an H200), where these small convolutions lose to one GEMM;
+XLA's convolution elsewhere (TPU: not measured yet; its MXU runs convolutions natively).
 Both formulations hold the same parameters, so checkpoints move freely between them.
 """
 
@@ -27,7 +29,7 @@ from jax import lax
 CONV_IMPLS = ("auto", "xla", "im2col")
 
 # Measured choice per backend (benchmarks/conv_impl.py); anything unknown gets XLA's conv.
-_AUTO_CONV_IMPL = {"cpu": "im2col"}
+_AUTO_CONV_IMPL = {"cpu": "im2col", "gpu": "im2col", "cuda": "im2col"}
 
 
 def resolve_conv_impl(impl: str, backend: str | None = None) -> str:

@@ -1,0 +1,336 @@
+"""MNIST convnet training speed: flaxconv against Keras 3 (TensorFlow and JAX backends) and
+PyTorch, on the same model, data, batch size and optimizer, in one run.
+
+    python benchmarks/mnist_speed.py                         # all peers, 5 epochs each
+    python benchmarks/mnist_speed.py --peers flaxconv --epochs 2
+    python benchmarks/mnist_speed.py --recipe fast --peers flaxconv   # the GPU speed-run recipe
+
+The model is *Deep Learning with Python*'s convnet (Conv32-pool-Conv64-pool-Conv128-Dense10,
+glorot-uniform), rmsprop 1e-3 (Keras's epsilon placement), batch 64, 60,000 training and
+10,000 test images of the real MNIST. Each peer runs in its own process (peak RSS is that
+process's), timing every epoch; "compile" is the first epoch minus a steady one. Achieved
+GFLOP/s counts the model's training FLOPs (forward + backward, from the layer shapes) against
+the fp32 matmul peak measured in the same run. The table goes to stdout and, as JSON and
+Markdown, to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+PEERS = ("flaxconv", "keras-tf", "keras-jax", "torch")
+BATCH = 64
+LR = 1e-3
+
+# DLWP convnet: (kind, output H*W, fan-in, fan-out) of each layer with weights.
+LAYERS = [("conv", 26 * 26, 3 * 3 * 1, 32), ("conv", 11 * 11, 3 * 3 * 32, 64),
+          ("conv", 3 * 3, 3 * 3 * 64, 128), ("dense", 1, 1152, 10)]
+
+
+def train_flops_per_example() -> float:
+    """Forward 2*MACs; backward 2*MACs for weight gradients + 2*MACs for input gradients
+    (none for the first layer, whose input is data)."""
+    macs = [hw * fan_in * fan_out for _, hw, fan_in, fan_out in LAYERS]
+    return 2.0 * (3 * sum(macs) - macs[0])
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> dict[str, float]:
+    """Best fp32 GFLOP/s of an n x n matmul in numpy and in jax (jitted)."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    out = {}
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t)
+    out["numpy"] = 2 * n**3 / min(times) / 1e9
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray(a)
+    f = jax.jit(lambda x: x @ x)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    out["jax"] = 2 * n**3 / min(times) / 1e9
+    return out
+
+
+def load_mnist():
+    """uint8 [N, 28, 28, 1] images and int32 labels, train and test, without TensorFlow."""
+    from flaxconv import data
+
+    source = "raw" if os.environ.get(data.DATA_DIR_ENV) else "auto"
+    return data.load("mnist", "train", source=source), data.load("mnist", "test", source=source)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# --- workers: each trains, then prints one JSON line -------------------------------------
+
+
+def run_flaxconv(epochs: int, recipe: str, seed: int) -> dict:
+    import jax
+    import optax
+
+    import flaxconv as fc
+
+    (x, y), (xt, yt) = load_mnist()
+    batch, lr = BATCH, LR
+    model = fc.models.get("dlwp_mnist")
+    if recipe == "fast":
+        batch = 256
+        steps = epochs * -(-len(y) // batch)
+        lr = optax.cosine_onecycle_schedule(steps, peak_value=4e-3, pct_start=0.25)
+        tx = fc.optim.make("adam", learning_rate=lr)
+    else:
+        tx = fc.optim.make("rmsprop", learning_rate=lr)
+    state = fc.create_train_state(jax.random.key(seed), model, tx, x[:1])
+    state, history = fc.fit(state, (x, y), epochs=epochs, batch_size=batch, verbose="silent")
+    test = fc.summarize(fc.evaluate(state, xt, yt))
+    return {
+        "epoch_seconds": history["epoch_seconds"],
+        "steps_per_epoch": -(-len(y) // batch),
+        "batch_size": batch,
+        "test_accuracy": test["accuracy"],
+        "device": str(jax.devices()[0]),
+        "conv_impl": fc.models.resolve_conv_impl("auto"),
+        "version": f"jax {jax.__version__}",
+    }
+
+
+def _keras_model(keras):
+    layers = keras.layers
+    inputs = keras.Input((28, 28, 1))
+    h = layers.Conv2D(32, 3, activation="relu")(inputs)
+    h = layers.MaxPooling2D(2)(h)
+    h = layers.Conv2D(64, 3, activation="relu")(h)
+    h = layers.MaxPooling2D(2)(h)
+    h = layers.Conv2D(128, 3, activation="relu")(h)
+    h = layers.Flatten()(h)
+    outputs = layers.Dense(10, activation="softmax")(h)
+    return keras.Model(inputs, outputs)
+
+
+def run_keras(epochs: int, recipe: str, seed: int) -> dict:
+    import keras
+
+    (x, y), (xt, yt) = load_mnist()
+    x, xt = x.astype("float32") / 255.0, xt.astype("float32") / 255.0
+    keras.utils.set_random_seed(seed)
+    model = _keras_model(keras)
+    model.compile(
+        optimizer=keras.optimizers.RMSprop(LR),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    times = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.start)
+
+    model.fit(x, y, epochs=epochs, batch_size=BATCH, verbose=0, callbacks=[Timer()])
+    _, accuracy = model.evaluate(xt, yt, batch_size=1000, verbose=0)
+    return {
+        "epoch_seconds": times,
+        "steps_per_epoch": -(-len(y) // BATCH),
+        "batch_size": BATCH,
+        "test_accuracy": float(accuracy),
+        "version": f"keras {keras.__version__} ({keras.backend.backend()})",
+    }
+
+
+def run_torch(epochs: int, recipe: str, seed: int) -> dict:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    (x, y), (xt, yt) = load_mnist()
+    # NCHW float32 in [0, 1], as torchvision's ToTensor gives.
+    to_tensor = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)  # noqa: E731
+    x, xt = to_tensor(x), to_tensor(xt)
+    y, yt = torch.from_numpy(y.astype(np.int64)), torch.from_numpy(yt.astype(np.int64))
+    model = nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3), nn.ReLU(), nn.Flatten(), nn.Linear(1152, 10),
+    )
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    opt = torch.optim.RMSprop(model.parameters(), lr=LR, alpha=0.9, eps=1e-7)
+    loss_fn = nn.CrossEntropyLoss()
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        perm = torch.randperm(len(y))
+        model.train()
+        for i in range(0, len(y), BATCH):
+            idx = perm[i : i + BATCH]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+        times.append(time.perf_counter() - start)
+    model.eval()
+    with torch.no_grad():
+        correct = sum(
+            int((model(xt[i : i + 1000]).argmax(1) == yt[i : i + 1000]).sum())
+            for i in range(0, len(yt), 1000)
+        )
+    return {
+        "epoch_seconds": times,
+        "steps_per_epoch": -(-len(y) // BATCH),
+        "batch_size": BATCH,
+        "test_accuracy": correct / len(yt),
+        "version": f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+    }
+
+
+WORKERS = {
+    "flaxconv": run_flaxconv,
+    "keras-tf": run_keras,
+    "keras-jax": run_keras,
+    "torch": run_torch,
+}
+
+
+def worker(name: str, epochs: int, recipe: str, seed: int) -> None:
+    start = time.perf_counter()
+    result = WORKERS[name](epochs, recipe, seed)
+    result["wall_seconds"] = time.perf_counter() - start
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_peer(name: str, epochs: int, recipe: str, seed: int) -> dict:
+    env = dict(os.environ)
+    if name.startswith("keras"):
+        env["KERAS_BACKEND"] = "tensorflow" if name == "keras-tf" else "jax"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cmd = [sys.executable, __file__, "--worker", name, "--epochs", str(epochs),
+           "--recipe", recipe, "--seed", str(seed)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail) or f"exit {proc.returncode}"}
+
+
+def summarize_peer(name: str, seed: int, r: dict, flops: float, peak: float) -> dict:
+    if "error" in r:
+        return {"peer": name, "seed": seed, "error": r["error"]}
+    times = r["epoch_seconds"]
+    steady = statistics.median(times[1:]) if len(times) > 1 else times[0]
+    examples = r["steps_per_epoch"] * r["batch_size"]
+    gflops = flops * 60000 / steady / 1e9
+    return {
+        "peer": name,
+        "seed": seed,
+        "version": r["version"],
+        "batch_size": r["batch_size"],
+        "epoch_s": steady,
+        "best_epoch_s": min(times),
+        "compile_s": max(times[0] - steady, 0.0),
+        "train_s_after_compile": sum(times) - max(times[0] - steady, 0.0),
+        "ms_per_step": 1000 * steady / r["steps_per_epoch"],
+        "gflops": gflops,
+        "peak_fraction": gflops / peak,
+        "peak_rss_mb": r["peak_rss_mb"],
+        "test_accuracy": r["test_accuracy"],
+        "epochs": len(times),
+        "examples_per_epoch": examples,
+    }
+
+
+def table(rows: list[dict], baseline: str = "keras-tf") -> str:
+    base_times = [r["epoch_s"] for r in rows if r["peer"] == baseline and "epoch_s" in r]
+    base = statistics.median(base_times) if base_times else None
+    head = ("| peer | seed | version | s/epoch (steady) | compile s | train s after compile "
+            "| ms/step | GFLOP/s | % of matmul peak | peak RSS MB | test acc | vs keras-tf |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['peer']} | {r['seed']} | failed: {r['error'][:80]} |" + " |" * 9)
+            continue
+        ratio = f"{r['epoch_s'] / base:.2f}x" if base else "n/a"
+        lines.append(
+            f"| {r['peer']} | {r['seed']} | {r['version']} | {r['epoch_s']:.2f} | "
+            f"{r['compile_s']:.1f} | {r['train_s_after_compile']:.2f} | "
+            f"{r['ms_per_step']:.2f} | {r['gflops']:.0f} | "
+            f"{100 * r['peak_fraction']:.0f}% | {r['peak_rss_mb']:.0f} | "
+            f"{100 * r['test_accuracy']:.2f}% | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help=f"comma list of {', '.join(PEERS)}")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--recipe", choices=("dlwp", "fast"), default="dlwp",
+                        help="dlwp: rmsprop 1e-3 batch 64; fast: flaxconv's speed-run recipe")
+    parser.add_argument("--seeds", default="0", help="comma list; one run per peer and seed")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help="write results here (.json and .md)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.epochs, args.recipe, args.seed)
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        parser.error(f"unknown peers {unknown}; expected some of {list(PEERS)}")
+
+    peak = matmul_peak_gflops()
+    flops = train_flops_per_example()
+    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores; fp32 matmul peak {max(peak.values()):.0f} GFLOP/s "
+          f"(numpy {peak['numpy']:.0f}, jax {peak['jax']:.0f}); "
+          f"{flops / 1e6:.2f} MFLOP per training example", flush=True)
+    rows = []
+    for name in peers:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            print(f"running {name}, seed {seed} ({args.epochs} epochs)...", flush=True)
+            result = run_peer(name, args.epochs, args.recipe, seed)
+            rows.append(summarize_peer(name, seed, result, flops, max(peak.values())))
+    out = table(rows)
+    print(out)
+    if args.out:
+        record = {
+            "command": " ".join(sys.argv),
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": f"{platform.node()}, {os.cpu_count()} cores",
+            "matmul_peak_gflops": peak,
+            "train_mflop_per_example": flops / 1e6,
+            "rows": rows,
+        }
+        with open(args.out + ".json", "w") as f:
+            json.dump(record, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(out + "\n")
+
+
+if __name__ == "__main__":
+    main()
