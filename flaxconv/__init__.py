@@ -7,9 +7,19 @@
 >>> state, metrics = fc.train_step(state, {"image": images, "label": labels})
 """
 
-from flaxconv import callbacks, checkpoint, data, epochs, models, optim, viz
+from flaxconv import callbacks, checkpoint, data, epochs, models, optim, population, viz
 from flaxconv.epochs import evaluate
 from flaxconv.fit import fit
+from flaxconv.population import (
+    create_population,
+    ensemble_evaluate,
+    ensemble_predict,
+    evaluate_population,
+    per_example_grads,
+    select_member,
+    shard_population,
+    train_population_epoch,
+)
 from flaxconv.state import TrainState, create_train_state, num_params
 from flaxconv.steps import (
     add_metrics,
@@ -30,20 +40,29 @@ __all__ = [
     "add_metrics",
     "callbacks",
     "checkpoint",
+    "create_population",
     "create_train_state",
     "data",
+    "ensemble_evaluate",
+    "ensemble_predict",
     "epochs",
     "evaluate",
+    "evaluate_population",
     "eval_step",
     "eval_step_fn",
     "fit",
     "models",
     "num_params",
     "optim",
+    "per_example_grads",
+    "population",
     "predict",
     "predict_fn",
+    "select_member",
+    "shard_population",
     "summarize",
     "summary",
+    "train_population_epoch",
     "train_step",
     "train_step_fn",
     "viz",

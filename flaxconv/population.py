@@ -12,10 +12,14 @@ device-resident epochs (:mod:`flaxconv.epochs`).
 >>> states = create_population(keys_from_seeds(range(8)), model, tx, images[:1],
 ...                            learning_rates=np.geomspace(1e-4, 1e-2, 8))
 >>> plan = fc.epochs.epoch_plan(len(labels), batch_size=64)
->>> states, sums = train_population_epoch(states, images, labels,
-...                                       population_indices(plan, member_keys), plan.mask)
+>>> order = population_indices(plan, jax.random.split(key, 8))    # [8, S, B]: one per member
+>>> states, sums = train_population_epoch(states, images, labels, order, plan.mask)
 >>> print(population_table(evaluate_population(states, test_images, test_labels)))
 >>> probs = ensemble_predict(states, test_images[:100])         # mean of member softmaxes
+
+With ``jax.vmap(flaxconv.fit.data_order_key, in_axes=(0, None))(states, epoch)`` as the
+keys, each member sees the data order ``fc.fit`` would give it, so member ``i`` ends where
+``fc.fit`` of its seed and learning rate does (``experiments/mnist_sweep.py`` does this).
 
 The member axis can be placed across devices (:func:`shard_population`): with D devices
 each holds and trains K/D members, running the same code.
@@ -26,6 +30,7 @@ Also here, because it is the same trick with the batch axis instead of the membe
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -128,10 +133,18 @@ def set_learning_rates(states: TrainState, learning_rates: Any) -> TrainState:
             "per-member learning rates need a constant learning_rate in optim.make"
         )
     current = hyperparams["learning_rate"]
-    value = jnp.asarray(lrs, current.dtype)
-    if isinstance(current, jax.Array):
+    value = np.asarray(lrs, current.dtype)
+    if isinstance(current, jax.Array):  # not for the abstract states create_population checks
         value = jax.device_put(value, current.sharding)
     return states.replace(opt_state=optim.set_learning_rate(states.opt_state, value))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _init_population(keys, model, tx, input_shape):
+    # Only the input shape is static: no data is baked into the compiled init, and a
+    # second population of the same model, optimizer and size reuses the compilation.
+    spec = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    return jax.vmap(lambda key: create_train_state(key, model, tx, spec))(keys)
 
 
 def create_population(
@@ -165,10 +178,11 @@ def create_population(
     shape = tuple(np.shape(sample_input))
     if len(shape) != 4:
         raise ValueError(f"sample_input has shape {shape}; expected [N, H, W, C]")
-    # Only the shape is closed over: no data is baked into the compiled init.
-    spec = jax.ShapeDtypeStruct((1, *shape[1:]), jnp.float32)
-    init = jax.vmap(lambda key: create_train_state(key, model, tx, spec))
-    states = jax.jit(init)(keys)
+    if learning_rates is not None:
+        # Checked on the traced shapes first, so a bad rate fails before compiling.
+        abstract = _init_population.eval_shape(keys, model, tx, shape[1:])
+        set_learning_rates(abstract, learning_rates)
+    states = _init_population(keys, model, tx, shape[1:])
     if learning_rates is not None:
         states = set_learning_rates(states, learning_rates)
     return states
@@ -333,6 +347,7 @@ def ensemble_predict_fn(states: TrainState, images: jax.Array) -> jax.Array:
     Returns:
       float32 ``[B, C]``, ``mean_k softmax(logits_k)``; rows sum to 1. Inference mode.
     """
+    num_members(states)
     logits = jax.vmap(predict_fn, in_axes=(0, None))(states, images)
     return jnp.mean(jax.nn.softmax(logits, -1), axis=0)
 
