@@ -24,3 +24,9 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# The speed benchmark against Keras 3 (TF and JAX backends) and PyTorch (CPU build).
+bench: setup
+	$(VENV)/bin/python -m pip install -q -e ".[bench]"
+	$(VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VENV)/bin/python benchmarks/mnist_speed.py $(ARGS)

@@ -7,7 +7,18 @@
 >>> state, metrics = fc.train_step(state, {"image": images, "label": labels})
 """
 
-from flaxconv import callbacks, checkpoint, data, epochs, models, optim, population, viz
+from flaxconv import (
+    callbacks,
+    checkpoint,
+    data,
+    epochs,
+    finetune,
+    models,
+    optim,
+    parallel,
+    population,
+    viz,
+)
 from flaxconv.epochs import evaluate
 from flaxconv.fit import fit
 from flaxconv.population import (
@@ -50,10 +61,12 @@ __all__ = [
     "evaluate_population",
     "eval_step",
     "eval_step_fn",
+    "finetune",
     "fit",
     "models",
     "num_params",
     "optim",
+    "parallel",
     "per_example_grads",
     "population",
     "predict",

@@ -4,22 +4,33 @@ Each checkpoint is a directory ``<dir>/<epoch>/`` with two items:
 
 * ``state``: the state's arrays (step, params, batch_stats, opt_state, rng) via Orbax's
   ``StandardSave`` (sharded arrays are saved and restored across devices and hosts);
-* ``meta``: a JSON dict (epoch, history, callback state, ...) via ``JsonSave``.
+* ``meta``: a JSON dict (epoch, history, callback state, ...) via ``JsonSave``; numpy or
+  jax arrays inside it (e.g. a callback's best weights) go to a third item, ``arrays``, and
+  come back as numpy arrays in their place.
 
 Orbax writes to a temporary directory and renames it when complete, so a run killed while
-saving leaves no half checkpoint under a step name. A checkpoint that is there but does not
-restore (a truncated or edited file) is reported and skipped: :meth:`Checkpoints.restore_latest`
-falls back to the previous intact one.
+saving leaves no half checkpoint under a step name. Orbax does not notice changed bytes in an
+array file, though, so every checkpoint also carries a SHA-256 of its arrays and metadata,
+checked on restore. A checkpoint that does not restore or fails the check (a truncated,
+garbled or edited file) is reported with a warning and moved aside to ``<dir>.corrupt/``:
+:meth:`Checkpoints.restore_latest` falls back to the previous intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
+import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from flaxconv.state import TrainState
@@ -40,6 +51,73 @@ def state_arrays(state: TrainState) -> dict[str, Any]:
 
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose files do not restore or do not match their checksum."""
+
+
+_ARRAY = "__array__"  # marks where an array of ``meta`` was taken out to the ``arrays`` item
+_CHECKSUM = "_sha256"
+
+
+def _take_arrays(tree: Any, arrays: list[np.ndarray]) -> Any:
+    """``tree`` with each numpy/jax array replaced by a JSON placeholder (host copies of the
+    arrays are appended to ``arrays``) and numpy scalars by Python ones."""
+    if isinstance(tree, dict):
+        return {k: _take_arrays(v, arrays) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_take_arrays(v, arrays) for v in tree]
+    if isinstance(tree, np.generic):
+        return tree.item()
+    if isinstance(tree, np.ndarray | jax.Array):
+        array = np.asarray(jax.device_get(tree))
+        arrays.append(array)
+        return {_ARRAY: len(arrays) - 1, "shape": list(array.shape), "dtype": array.dtype.name}
+    return tree
+
+
+def _array_targets(tree: Any, targets: dict[str, np.ndarray]) -> None:
+    """Collects the restore target (shape and dtype) of every placeholder in ``tree``."""
+    if isinstance(tree, dict):
+        if _ARRAY in tree:
+            targets[str(tree[_ARRAY])] = np.empty(tree["shape"], jnp.dtype(tree["dtype"]))
+            return
+        for v in tree.values():
+            _array_targets(v, targets)
+    elif isinstance(tree, list):
+        for v in tree:
+            _array_targets(v, targets)
+
+
+def _put_arrays(tree: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(tree, dict):
+        if _ARRAY in tree:
+            return arrays[str(tree[_ARRAY])]
+        return {k: _put_arrays(v, arrays) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_put_arrays(v, arrays) for v in tree]
+    return tree
+
+
+def _digest(
+    state: dict[str, Any], arrays: list[np.ndarray], meta: dict[str, Any]
+) -> str | None:
+    """SHA-256 over the values, dtypes and shapes of all arrays and the canonical JSON of
+    ``meta``; None when a state array is sharded over several hosts (no host sees it all)."""
+    leaves = jax.tree.leaves(state)
+    if any(
+        isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated)
+        for x in leaves
+    ):
+        return None
+    h = hashlib.sha256()
+    for leaf in [*leaves, *arrays]:
+        value = np.ascontiguousarray(jax.device_get(leaf))
+        h.update(f"{value.dtype.name}{value.shape}".encode())
+        h.update(value.tobytes())
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 class Checkpoints:
@@ -77,7 +155,7 @@ class Checkpoints:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
+            self.directory, options=options, item_names=("state", "meta", "arrays")
         )
 
     def save(
@@ -87,12 +165,22 @@ class Checkpoints:
         meta: dict[str, Any] | None = None,
         metrics: dict[str, float] | None = None,
     ) -> bool:
-        """Saves ``state`` and ``meta`` as checkpoint ``epoch``; returns whether it saved."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state_arrays(state)),
-            meta=ocp.args.JsonSave(meta or {}),
-        )
-        return self.manager.save(epoch, args=args, metrics=metrics)
+        """Saves ``state`` and ``meta`` as checkpoint ``epoch``; returns whether it saved
+        (False when checkpoint ``epoch`` exists already).
+
+        ``meta`` is a dict of JSON-able values and numpy/jax arrays, nested in dicts and
+        lists (tuples come back as lists).
+        """
+        arrays: list[np.ndarray] = []
+        meta = json.loads(json.dumps(_take_arrays(meta or {}, arrays)))
+        tree = state_arrays(state)
+        digest = _digest(tree, arrays, meta)
+        if digest is not None:
+            meta[_CHECKSUM] = digest
+        items = dict(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
+        if arrays:
+            items["arrays"] = ocp.args.StandardSave({str(i): a for i, a in enumerate(arrays)})
+        return self.manager.save(epoch, args=ocp.args.Composite(**items), metrics=metrics)
 
     def epochs(self) -> list[int]:
         """The epochs that have a complete checkpoint, oldest first."""
@@ -102,30 +190,61 @@ class Checkpoints:
         return self.manager.best_step()
 
     def restore(self, epoch: int, template: TrainState) -> tuple[TrainState, dict[str, Any]]:
-        """Checkpoint ``epoch`` restored into the structure (and shardings) of ``template``."""
-        restored = self.manager.restore(
-            epoch,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(state_arrays(template))),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-        return template.replace(**restored["state"]), dict(restored["meta"] or {})
+        """Checkpoint ``epoch`` restored into the structure (and shardings) of ``template``.
+
+        Raises:
+          CorruptCheckpointError: its arrays or metadata do not match the saved checksum.
+          Other exceptions of Orbax's: files missing or unreadable, another structure.
+        """
+        meta = self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        meta = dict(meta["meta"] or {})
+        targets: dict[str, np.ndarray] = {}
+        _array_targets(meta, targets)
+        items = dict(state=ocp.args.StandardRestore(_abstract(state_arrays(template))))
+        if targets:
+            items["arrays"] = ocp.args.StandardRestore(targets)
+        restored = self.manager.restore(epoch, args=ocp.args.Composite(**items))
+        arrays = dict(restored["arrays"]) if targets else {}
+        saved = meta.pop(_CHECKSUM, None)
+        ordered = [arrays[str(i)] for i in range(len(arrays))]
+        digest = None if saved is None else _digest(restored["state"], ordered, meta)
+        if digest is not None and digest != saved:
+            raise CorruptCheckpointError(
+                f"checkpoint {self.directory}/{epoch} does not match its checksum"
+            )
+        return template.replace(**restored["state"]), _put_arrays(meta, arrays)
 
     def restore_latest(
         self, template: TrainState
     ) -> tuple[TrainState, dict[str, Any]] | None:
-        """The newest checkpoint that restores, skipping (and logging) broken ones; None if
-        there is none."""
+        """The newest checkpoint that restores; None if there is none.
+
+        A checkpoint that fails to restore is reported (a ``RuntimeWarning``) and moved to
+        ``<directory>.corrupt/`` so that its epoch can be saved again; then the next older
+        one is tried.
+        """
         for epoch in reversed(self.epochs()):
             try:
                 return self.restore(epoch, template)
             except Exception as error:  # noqa: BLE001 - any failure means "not intact"
-                log.warning(
-                    "checkpoint %s/%d does not restore (%s: %s); trying an older one",
-                    self.directory, epoch, type(error).__name__, str(error).splitlines()[0],
+                moved = self._move_aside(epoch)
+                reason = (str(error).strip().splitlines() or [""])[0][:300]
+                warnings.warn(
+                    f"checkpoint {self.directory}/{epoch} is corrupt or incomplete "
+                    f"({type(error).__name__}: {reason}); skipped it and moved it to {moved}",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
         return None
+
+    def _move_aside(self, epoch: int) -> str:
+        """Moves checkpoint ``epoch`` out of the manager's directory (kept for inspection)."""
+        source = os.path.join(self.directory, str(epoch))
+        target = os.path.join(self.directory + ".corrupt", f"{epoch}-{time.time_ns()}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(source, target)
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         """Blocks until asynchronous saves are on disk."""
@@ -151,7 +270,7 @@ def load_state(
     Raises:
       FileNotFoundError: no intact checkpoint there.
     """
-    checkpoints = Checkpoints(directory, asynchronous=False)
+    checkpoints = Checkpoints(directory, max_to_keep=None, asynchronous=False)
     try:
         restored = checkpoints.restore_latest(template)
     finally:
@@ -159,3 +278,110 @@ def load_state(
     if restored is None:
         raise FileNotFoundError(f"no intact checkpoint under {os.fspath(directory)}")
     return restored
+
+
+# --- Partial restore (fine-tuning) --------------------------------------------------------
+
+
+def restore_params(
+    directory: str | os.PathLike,
+    state: TrainState,
+    include: str | tuple[str, ...] | list[str] = ("*",),
+    *,
+    epoch: int | None = None,
+) -> TrainState:
+    """``state`` with the params and batch_stats of the ``include`` layers read from a
+    checkpoint: a pretrained backbone under a new head.
+
+    Only the included arrays are read (Orbax partial restore), so the checkpoint's model
+    may have other layers and any optimizer. Shapes are checked against the checkpoint's
+    metadata first. The checkpoint's checksum covers the whole state and is not verified
+    here; :func:`load_state` verifies it when the full template is known.
+
+    >>> state = restore_params("runs/mnist_convnet", state, include=("conv_*", "bn_*"))
+
+    Args:
+      directory: a checkpoint directory (``<dir>/<epoch>/``), or a ``fit`` workdir whose
+        ``checkpoints/`` is used. Nothing there is written or moved.
+      state: the target; its optimizer state and step are left as they are.
+      include: layer-name patterns (``fnmatch`` on layer paths, see
+        :func:`flaxconv.optim.layer_mask`); the default copies every layer.
+      epoch: which checkpoint; by default the newest one that restores (a broken one is
+        reported with a ``RuntimeWarning`` and skipped).
+
+    Raises:
+      FileNotFoundError: no (intact) checkpoint there, or no checkpoint ``epoch``.
+      ValueError: a pattern matches no layer of ``state`` (listing its layers); an included
+        layer the checkpoint lacks; arrays whose shapes differ, each named with both shapes.
+    """
+    import warnings
+
+    from flax import traverse_util
+
+    from flaxconv import finetune
+
+    root = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"checkpoint directory {root} does not exist")
+    handlers = {
+        "state": ocp.PyTreeCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+        "arrays": ocp.PyTreeCheckpointHandler(),
+    }
+    options = ocp.CheckpointManagerOptions(create=False)
+    manager = ocp.CheckpointManager(root, item_handlers=handlers, options=options)
+    if not manager.all_steps() and os.path.isdir(os.path.join(root, "checkpoints")):
+        manager.close()
+        root = os.path.join(root, "checkpoints")  # a fit workdir
+        manager = ocp.CheckpointManager(root, item_handlers=handlers, options=options)
+    try:
+        epochs = sorted(manager.all_steps(), reverse=True)
+        if epoch is not None:
+            if epoch not in epochs:
+                raise FileNotFoundError(
+                    f"no checkpoint {epoch} under {root}; it has {sorted(epochs)}"
+                )
+            epochs = [epoch]
+        for candidate in epochs:
+            try:
+                saved = manager.item_metadata(candidate)["state"]
+                saved = getattr(saved, "tree", saved)
+                source = {"params": saved["params"], "batch_stats": saved.get("batch_stats") or {}}
+            except Exception as error:  # noqa: BLE001 - unreadable metadata: not intact
+                if epoch is not None:
+                    raise
+                warnings.warn(
+                    f"checkpoint {root}/{candidate} has no readable state metadata "
+                    f"({type(error).__name__}: {str(error)[:200]}); trying an older one",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
+            paths = finetune.transfer_plan(
+                source, state, include, source_name=f"checkpoint {root}/{candidate}"
+            )
+            target = finetune.flat_variables(state)
+            abstract = traverse_util.unflatten_dict(
+                {p: ocp.utils.to_shape_dtype_struct(target[p]) for p in paths}
+            )
+            args = ocp.args.PyTreeRestore(
+                item=abstract,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                partial_restore=True,
+            )
+            try:
+                restored = manager.restore(candidate, args=ocp.args.Composite(state=args))
+            except Exception as error:  # noqa: BLE001 - any failure means "not intact"
+                if epoch is not None:
+                    raise
+                warnings.warn(
+                    f"checkpoint {root}/{candidate} does not restore "
+                    f"({type(error).__name__}: {str(error)[:200]}); trying an older one",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
+            return finetune.replace_arrays(state, traverse_util.flatten_dict(restored["state"]))
+    finally:
+        manager.close()
+    raise FileNotFoundError(f"no intact checkpoint under {root}")

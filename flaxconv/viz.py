@@ -1,8 +1,22 @@
-"""Inspection: a Keras-like model summary and training-curve plots (matplotlib, Agg)."""
+"""Inspection: a Keras-like model summary, training curves, feature maps and filters.
+
+>>> print(fc.summary(state))                                  # Keras's model.summary()
+>>> fc.viz.plot_history(history, "curves.png")
+>>> fc.viz.feature_maps(state, test_images[:2], "maps.png")   # every conv/pool layer
+>>> fc.viz.filters(state, "filters.png", layer="conv_0")      # the first layer's kernels
+
+Layers are named as in the model (``conv_0``, ``bn_0``, ``pool_0``, ...); feature maps come
+from Flax's ``capture_intermediates``, so they are each layer's own output: a ``conv_i`` map
+is the convolution before BatchNorm and relu, a ``pool_i`` map is after the relu. Plots go
+to PNG files through matplotlib's Agg backend (no display needed).
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -10,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxconv import optim
 from flaxconv.state import TrainState
+from flaxconv.steps import check_images, prepare_images
 
 
 def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple]:
@@ -59,18 +75,38 @@ def _layer_type(name: str) -> str:
     }.get(prefix, prefix)
 
 
-def summary(model: nn.Module | TrainState, input_shape: tuple[int, ...] | None = None) -> str:
+def summary(
+    model: nn.Module | TrainState,
+    input_shape: tuple[int, ...] | None = None,
+    *,
+    frozen: str | Sequence[str] = (),
+) -> str:
     """Keras's ``model.summary()`` as a string: layer, output shape, params, and totals.
 
     Args:
       model: a linen module, or a TrainState (its model and input shape are used).
       input_shape: ``(H, W, C)``; taken from the state when a TrainState is given.
+      frozen: layer-name patterns of frozen layers (as given to
+        :func:`flaxconv.finetune.freeze`); their parameters count as non-trainable, as in
+        Keras. BatchNorm statistics always do.
     """
     if isinstance(model, TrainState):
         model, input_shape = model.model, model.input_shape
     if input_shape is None:
         raise ValueError("summary needs input_shape=(H, W, C) for a bare module")
     rows = layer_table(model, tuple(input_shape))
+    frozen_count = 0
+    if frozen:
+        x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+        params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+        mask = optim.layer_mask(params["params"], frozen, "frozen")
+        frozen_count = sum(
+            int(np.prod(leaf.shape))
+            for leaf, hit in zip(
+                jax.tree.leaves(params["params"]), jax.tree.leaves(mask), strict=True
+            )
+            if hit
+        )
     header = ("Layer (type)", "Output Shape", "Param #")
     lines = [
         (f"{n} ({t})", "(" + ", ".join(map(str, s)) + ")", f"{p + q:,}") for n, t, s, p, q in rows
@@ -78,8 +114,8 @@ def summary(model: nn.Module | TrainState, input_shape: tuple[int, ...] | None =
     widths = [max(len(r[i]) for r in [header, *lines]) + 2 for i in range(3)]
     rule = "─" * sum(widths)
     fmt = lambda r: f"{r[0]:<{widths[0]}}{r[1]:<{widths[1]}}{r[2]:>{widths[2]}}"  # noqa: E731
-    trainable = sum(r[3] for r in rows)
-    total = trainable + sum(r[4] for r in rows)
+    total = sum(r[3] + r[4] for r in rows)
+    trainable = sum(r[3] for r in rows) - frozen_count
     out = [f'Model: "{type(model).__name__}"', rule, fmt(header), rule]
     out += [fmt(r) for r in lines]
     out += [
@@ -113,3 +149,249 @@ def plot_history(history: dict[str, list[float]], path: str | os.PathLike) -> st
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return os.fspath(path)
+
+
+# --- Feature maps and filters -------------------------------------------------------------
+
+_DPI = 100
+_LABEL_PX = 110  # the left column of feature_maps that names each row
+_TITLE_PX = 24  # the title band of filters
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _figure(width_px: int, height_px: int):
+    # No tight bbox: the saved PNG is exactly width_px x height_px, as documented.
+    return _pyplot().figure(figsize=(width_px / _DPI, height_px / _DPI), dpi=_DPI)
+
+
+def _save(fig, path: str | os.PathLike) -> str:
+    fig.savefig(path, dpi=_DPI)
+    _pyplot().close(fig)
+    return os.fspath(path)
+
+
+def map_layers(state: TrainState, layers: str | Sequence[str] | None = None) -> list[str]:
+    """The layers with ``[N, H, W, C]`` outputs (conv, BatchNorm, pool), in call order,
+    optionally filtered by name patterns (``fnmatch``, e.g. ``"conv_*"``).
+
+    Raises:
+      ValueError: a pattern that matches none of them, listing them.
+    """
+    spatial = [
+        name for name, _, shape, _, _ in layer_table(state.model, tuple(state.input_shape))
+        if len(shape) == 4
+    ]
+    if layers is None:
+        return spatial
+    patterns = (layers,) if isinstance(layers, str) else tuple(layers)
+    unknown = [p for p in patterns if not fnmatch.filter(spatial, p)]
+    if unknown:
+        raise ValueError(
+            f"layers {unknown} match no layer with [N, H, W, C] output; expected some of "
+            f"{spatial}"
+        )
+    return [name for name in spatial if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+
+
+def _capture_fn(state: TrainState, images: jax.Array, names: tuple[str, ...]):
+    names_set = set(names)
+    _, captured = state.model.apply(
+        state.variables(),
+        prepare_images(images),
+        train=False,
+        capture_intermediates=lambda module, method: (
+            method == "__call__" and module.name in names_set
+        ),
+        mutable=["intermediates"],
+    )
+    return {name: captured["intermediates"][name]["__call__"][0] for name in names}
+
+
+_capture = jax.jit(_capture_fn, static_argnums=2)
+
+
+def activations(
+    state: TrainState, images: Any, layers: str | Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """The outputs of the model's spatial layers for ``images``, in inference mode.
+
+    Args:
+      state: a train state.
+      images: uint8 or float ``[N, H, W, C]`` (or one ``[H, W, C]`` image), as for
+        :func:`flaxconv.predict`.
+      layers: name patterns (see :func:`map_layers`); all conv/BatchNorm/pool layers by
+        default.
+
+    Returns:
+      ``{layer name: float32 [N, h, w, c]}`` in call order.
+    """
+    images = np.asarray(images) if not isinstance(images, jax.Array) else images
+    if images.ndim == 3:
+        images = images[None]
+    check_images(state, images)
+    names = tuple(map_layers(state, layers))
+    out = _capture(state, images, names)
+    return {name: np.asarray(out[name], np.float32) for name in names}
+
+
+def feature_maps(
+    state: TrainState,
+    images: Any,
+    path: str | os.PathLike,
+    *,
+    layers: str | Sequence[str] | None = None,
+    channels: int | Sequence[int] = 16,
+    cell: int = 64,
+) -> str:
+    """A PNG grid of feature maps: one row per (image, layer), one column per channel.
+
+    Each map is drawn with its own color scale (viridis); the row label names the image,
+    the layer and its output shape. This is the feature-map figure of the seed notebooks
+    (*Deep Learning with Python* ch. 5; the Fashion-MNIST notebook's chosen channel of
+    each conv/pool layer for a few test images is ``channels=[c]``).
+
+    Args:
+      state: a train state.
+      images: uint8 or float ``[N, H, W, C]`` or one ``[H, W, C]`` image.
+      path: where the PNG goes.
+      layers: name patterns (see :func:`map_layers`); all conv/BatchNorm/pool layers by
+        default.
+      channels: the first ``channels`` channels of each layer (fewer where a layer has
+        fewer), or a list of channel indices, shown for every layer.
+      cell: pixels per map.
+
+    Returns:
+      ``path``. The PNG is exactly ``110 + cell * columns`` pixels wide and
+      ``cell * N * len(layers)`` high, ``columns`` being the most channels shown for a layer.
+
+    Raises:
+      ValueError: bad images (shape/dtype, as :func:`flaxconv.predict`), unknown layers, a
+        channel index outside a layer's channels.
+    """
+    maps = activations(state, images, layers)
+    if not maps:
+        raise ValueError(f"{type(state.model).__name__} has no layer with [N, H, W, C] output")
+    if isinstance(channels, int | np.integer):
+        if channels < 1:
+            raise ValueError(f"channels={channels}; expected a positive count or indices")
+        shown = {name: list(range(min(int(channels), m.shape[-1]))) for name, m in maps.items()}
+    else:
+        indices = [int(c) for c in channels]
+        for name, m in maps.items():
+            bad = [c for c in indices if not 0 <= c < m.shape[-1]]
+            if bad or not indices:
+                raise ValueError(
+                    f"channels {bad or indices} are not channels of {name}; it has "
+                    f"{m.shape[-1]} (0..{m.shape[-1] - 1})"
+                )
+        shown = {name: indices for name in maps}
+    columns = max(len(c) for c in shown.values())
+    count = next(iter(maps.values())).shape[0]
+    rows = [(n, name) for n in range(count) for name in maps]
+    width, height = _LABEL_PX + cell * columns, cell * len(rows)
+    fig = _figure(width, height)
+    pad = 1.0
+    for r, (n, name) in enumerate(rows):
+        m = maps[name][n]
+        top = height - r * cell
+        fig.text(
+            (_LABEL_PX - 6) / width, (top - cell / 2) / height,
+            f"image {n}\n{name}\n{'x'.join(map(str, m.shape))}",
+            ha="right", va="center", fontsize=7,
+        )
+        for col, channel in enumerate(shown[name]):
+            ax = fig.add_axes([
+                (_LABEL_PX + col * cell + pad) / width, (top - cell + pad) / height,
+                (cell - 2 * pad) / width, (cell - 2 * pad) / height,
+            ])
+            ax.imshow(m[:, :, channel], cmap="viridis", interpolation="nearest")
+            ax.set_axis_off()
+    return _save(fig, path)
+
+
+def filters(
+    state: TrainState,
+    path: str | os.PathLike,
+    layer: str | None = None,
+    *,
+    input_channel: int = 0,
+    columns: int = 8,
+    cell: int = 48,
+) -> str:
+    """A PNG grid of a conv layer's kernels, one cell per output filter.
+
+    A kernel ``[kh, kw, C_in, C_out]`` with ``C_in == 3`` is drawn in RGB (each filter
+    min-max scaled); otherwise input channel ``input_channel`` of every filter is drawn in
+    gray on one symmetric scale shared by all filters (mid-gray is 0), so their weights
+    compare.
+
+    Args:
+      state: a train state.
+      path: where the PNG goes.
+      layer: a layer with a 4-D ``kernel`` parameter (a convolution); by default the
+        first one the model calls.
+      input_channel: which input channel to draw when ``C_in != 3``.
+      columns: filters per row.
+      cell: pixels per filter.
+
+    Returns:
+      ``path``. The PNG is exactly ``cell * min(columns, C_out)`` pixels wide and
+      ``24 + cell * ceil(C_out / columns)`` high.
+
+    Raises:
+      ValueError: ``layer`` is not a convolution (naming the ones there are), or
+        ``input_channel`` is out of range.
+    """
+    convs = [
+        row[0] for row in layer_table(state.model, tuple(state.input_shape))
+        if np.ndim(state.params.get(row[0], {}).get("kernel", 0)) == 4
+    ]
+    layer = convs[0] if layer is None and convs else layer
+    if layer not in convs:
+        raise ValueError(f"layer={layer!r} is not a conv layer; expected one of {convs}")
+    if columns < 1 or cell < 1:
+        raise ValueError(f"columns={columns}, cell={cell}; expected positive integers")
+    kernel = np.asarray(state.params[layer]["kernel"], np.float32)
+    kh, kw, c_in, c_out = kernel.shape
+    rgb = c_in == 3
+    if not rgb and not 0 <= input_channel < c_in:
+        raise ValueError(
+            f"input_channel={input_channel}; {layer} has {c_in} input channels (0..{c_in - 1})"
+        )
+    cols = min(columns, c_out)
+    rows = math.ceil(c_out / cols)
+    width, height = cell * cols, _TITLE_PX + cell * rows
+    fig = _figure(width, height)
+    what = "RGB" if rgb else f"input channel {input_channel}"
+    fig.text(
+        0.5, 1 - (_TITLE_PX / 2) / height, f"{layer}: {c_out} filters {kh}x{kw} ({what})",
+        ha="center", va="center", fontsize=8,
+    )
+    scale = float(np.max(np.abs(kernel[:, :, input_channel, :]))) if not rgb else 1.0
+    scale = scale or 1.0
+    pad = 2.0
+    for o in range(c_out):
+        r, c = divmod(o, cols)
+        ax = fig.add_axes([
+            (c * cell + pad) / width, (height - _TITLE_PX - (r + 1) * cell + pad) / height,
+            (cell - 2 * pad) / width, (cell - 2 * pad) / height,
+        ])
+        if rgb:
+            k = kernel[:, :, :, o]
+            k = (k - k.min()) / max(float(k.max() - k.min()), 1e-12)
+            ax.imshow(k, interpolation="nearest")
+        else:
+            ax.imshow(
+                kernel[:, :, input_channel, o], cmap="gray", vmin=-scale, vmax=scale,
+                interpolation="nearest",
+            )
+        ax.set_axis_off()
+    return _save(fig, path)

@@ -38,6 +38,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fashion_cnn": dict(features=(32, 32), pool=(True, True), hidden=(128,)),
     # The dense baseline: Flatten -> Dense128 relu -> Dense10.
     "dense": dict(features=(), hidden=(128,)),
+    # The plain Keras convnet of the Sign Language experiment: Conv32 -> pool -> Conv64 -> pool
+    # -> Conv64 -> Flatten -> Dense128 relu -> Dropout 0.5 -> Dense; give it augmentation
+    # with augment=flaxconv.augment.keras_like(...).
+    "sign_language_cnn": dict(features=(32, 64, 64), hidden=(128,), dropout_rate=0.5),
 }
 
 

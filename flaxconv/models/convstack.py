@@ -12,6 +12,24 @@ import jax.numpy as jnp
 from flaxconv.models.layers import Conv, Flatten, MaxPool, initializer
 
 
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """``dtype`` (None: float32; a name like ``"bfloat16"`` or a dtype) as a floating dtype.
+
+    Raises:
+      ValueError: not a floating dtype, naming the value.
+    """
+    try:
+        resolved = jnp.dtype(jnp.float32 if dtype is None else dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(
+            f"dtype={dtype!r} is not a computation dtype; expected a floating dtype such as "
+            f"'float32' or 'bfloat16' (mixed precision)"
+        )
+    return resolved
+
+
 class ConvStack(nn.Module):
     """Conv blocks, then a dense head: the shape of every textbook convnet.
 
@@ -27,11 +45,18 @@ class ConvStack(nn.Module):
       num_classes: width of the logits.
       kernel_size, padding: for every conv layer (Keras defaults: 3x3, "VALID").
       batch_norm: a BatchNorm (Keras's momentum 0.99, epsilon 1e-3) between each conv and relu.
+      frozen_batch_norm: names of ``bn_i`` layers that run in inference mode even with
+        ``train=True``: they normalize with their moving statistics and never update them
+        (Keras's BatchNormalization with ``trainable=False``; set by
+        ``flaxconv.finetune.freeze``).
       dropout_rate: dropout right before ``head``, active only with ``train=True``.
       conv_impl: "auto" | "xla" | "im2col" (see ``flaxconv.models.layers``).
       kernel_init: initializer name; Keras's glorot-uniform reproduces the textbook numbers.
       dtype: computation dtype, e.g. ``jnp.bfloat16`` for mixed precision; parameters,
         the logits and the loss stay float32.
+      augment: layers called as ``layer(x, train=train)`` on the float32 input before
+        ``conv_0``, e.g. ``flaxconv.augment.RandomRotation(0.05)``; the random ones draw
+        from the ``"augment"`` rng and are the identity when ``train=False``.
     """
 
     features: Sequence[int] = (32, 64, 128)
@@ -41,10 +66,12 @@ class ConvStack(nn.Module):
     kernel_size: tuple[int, int] = (3, 3)
     padding: str = "VALID"
     batch_norm: bool = False
+    frozen_batch_norm: tuple[str, ...] = ()
     dropout_rate: float = 0.0
     conv_impl: str = "auto"
     kernel_init: str = "glorot_uniform"
     dtype: Any = None
+    augment: Sequence[nn.Module] = ()
 
     def pool_after(self) -> tuple[bool, ...]:
         if self.pool is None:
@@ -58,7 +85,16 @@ class ConvStack(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        dtype = self.dtype or jnp.float32
+        bn_names = [f"bn_{i}" for i in range(len(self.features))] if self.batch_norm else []
+        unknown = sorted(set(self.frozen_batch_norm) - set(bn_names))
+        if unknown:
+            raise ValueError(
+                f"frozen_batch_norm names {unknown}, which are not BatchNorm layers of this "
+                f"model; expected some of {bn_names}"
+            )
+        dtype = compute_dtype(self.dtype)
+        for layer in self.augment:
+            x = layer(x, train=train)
         x = x.astype(dtype)
         for i, (width, pool) in enumerate(zip(self.features, self.pool_after(), strict=True)):
             x = Conv(
@@ -73,7 +109,7 @@ class ConvStack(nn.Module):
             )(x)
             if self.batch_norm:
                 x = nn.BatchNorm(
-                    use_running_average=not train,
+                    use_running_average=not train or f"bn_{i}" in self.frozen_batch_norm,
                     momentum=0.99,
                     epsilon=1e-3,
                     dtype=dtype,

@@ -1,0 +1,155 @@
+"""Multi-process (multi-host) data parallelism, on one machine: two CPU processes joined by
+``fc.parallel.initialize`` over loopback (JAX's CPU collectives are gloo), two devices each.
+
+What this shows: the processes form one 4-device mesh; ``fc.fit`` trains the same model
+as one process on one device (array data, replicated), and so does a stream of global
+batches to which each process contributes only its rows (``process_batches``); the Orbax
+checkpoints both processes write together restore in each of them and in a plain
+single-device process. What a real cluster adds (several machines, a shared file
+system, TPU/GPU interconnects) cannot be tested here.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+
+import flaxconv as fc
+from flaxconv import parallel
+from flaxconv.checkpoint import load_state
+
+REPO = Path(__file__).resolve().parents[1]
+N, BATCH, EPOCHS = 128, 16, 1
+TOL = 1e-5
+
+COMMON = f"""
+import functools
+import jax, numpy as np
+import flaxconv as fc
+
+N, BATCH, EPOCHS = {N}, {BATCH}, {EPOCHS}
+
+
+def data():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (N, 12, 12, 1), dtype=np.uint8)
+    return images, (images.reshape(N, -1)[:, :10].argmax(-1)).astype(np.int32)
+
+
+@functools.cache
+def _initial_state():
+    model = fc.models.get("dlwp_mnist", features=(4, 8))
+    tx = fc.optim.make("rmsprop", learning_rate=1e-3)
+    return fc.create_train_state(jax.random.key(0), model, tx, np.zeros((1, 12, 12, 1)))
+
+
+def new_state():  # a fresh copy (fit donates its input); one init, one optimizer object
+    return jax.tree.map(jax.numpy.copy, _initial_state())
+
+
+def validation(images, labels):
+    return images[:40], labels[:40]
+
+
+def stream(images, labels, mesh=None):
+    return lambda epoch: fc.parallel.process_batches(
+        images, labels, BATCH, mesh, shuffle=True, seed=0, epoch=epoch)
+"""
+
+WORKER = COMMON + """
+import sys
+from flaxconv import parallel
+from flaxconv.checkpoint import load_state, save_state, state_arrays
+
+process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+assert parallel.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+assert parallel.initialize()  # again: harmless
+assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+
+images, labels = data()
+mesh = parallel.data_mesh()
+state, history = fc.fit(new_state(), (images, labels), epochs=EPOCHS, batch_size=BATCH,
+                        validation_data=validation(images, labels), verbose="silent")
+assert set(jax.tree.leaves(state.params)[0].sharding.device_set) == set(jax.devices())
+
+# Every process takes part in writing the checkpoint, and it restores onto the 4 devices.
+save_state(workdir + "/checkpoint", state, {"epochs": EPOCHS})
+template = parallel.replicate(new_state(), mesh)
+restored, meta = load_state(workdir + "/checkpoint", template)
+assert meta == {"epochs": EPOCHS}, meta
+chex_ok = jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()),
+                       state_arrays(restored), state_arrays(state))
+assert all(jax.tree.leaves(chex_ok)), chex_ok
+
+# Streaming: this process reads only its half of every global batch.
+streamed, _ = fc.fit(parallel.replicate(new_state(), mesh), stream(images, labels, mesh),
+                     epochs=EPOCHS, verbose="silent")
+if process_id == 0:
+    np.savez(workdir + "/result.npz", loss=history["loss"], val_loss=history["val_loss"],
+             **{"fit/" + jax.tree_util.keystr(k): np.asarray(v)
+                for k, v in jax.tree_util.tree_leaves_with_path(state.params)},
+             **{"stream/" + jax.tree_util.keystr(k): np.asarray(v)
+                for k, v in jax.tree_util.tree_leaves_with_path(streamed.params)})
+print(f"process {process_id} OK", flush=True)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_device_and_share_checkpoints(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    port = str(free_port())
+    script = textwrap.dedent(WORKER)
+    workers = [
+        subprocess.Popen([sys.executable, "-c", script, str(i), port, str(tmp_path)], env=env,
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    try:
+        # The reference, meanwhile: the same training in this single process, on one CPU
+        # device (like the workers: a GPU's float rounding would differ by more than TOL).
+        namespace = {}
+        exec(textwrap.dedent(COMMON), namespace)
+        images, labels = namespace["data"]()
+        cpu = jax.devices("cpu")[0]
+        mesh = parallel.data_mesh([cpu])
+        one = lambda: parallel.replicate(namespace["new_state"](), mesh)  # noqa: E731
+        fitted, history = fc.fit(one(), (images, labels), epochs=EPOCHS, batch_size=BATCH,
+                                 validation_data=namespace["validation"](images, labels),
+                                 verbose="silent")
+        streamed, _ = fc.fit(one(), namespace["stream"](images, labels, mesh), epochs=EPOCHS,
+                             verbose="silent")
+        outputs = [worker.communicate(timeout=300) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    for i, (worker, (out, err)) in enumerate(zip(workers, outputs, strict=True)):
+        assert worker.returncode == 0 and f"process {i} OK" in out, f"process {i}:\n{err[-4000:]}"
+
+    result = np.load(tmp_path / "result.npz")
+    for key in ("loss", "val_loss"):
+        np.testing.assert_allclose(result[key], history[key], rtol=TOL, atol=TOL, err_msg=key)
+    for prefix, reference in (("fit/", fitted), ("stream/", streamed)):
+        for key, value in jax.tree_util.tree_leaves_with_path(reference.params):
+            np.testing.assert_allclose(result[prefix + jax.tree_util.keystr(key)],
+                                       np.asarray(value), rtol=TOL, atol=TOL)
+
+    # The two processes' checkpoint restores onto this process's single device.
+    restored, meta = load_state(tmp_path / "checkpoint", one())
+    assert meta == {"epochs": EPOCHS}
+    assert restored.params["head"]["kernel"].sharding.device_set == {cpu}
+    chex.assert_trees_all_close(jax.device_get(restored.params),
+                                jax.device_get(fitted.params), rtol=TOL, atol=TOL)
