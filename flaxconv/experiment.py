@@ -13,16 +13,16 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 
 import flaxconv as fc
-from flaxconv import data, viz
-from flaxconv.epochs import evaluate
+from flaxconv import data, parallel, viz
+from flaxconv import metrics as metrics_lib
 from flaxconv.fit import IncompatibleWorkdirError, NonFiniteLossError, fit
-from flaxconv.steps import summarize
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -39,17 +39,75 @@ def default_config() -> ml_collections.ConfigDict:
             workdir="runs/mnist_convnet",
             validation_split=0.0,
             verbose="auto",
+            metrics="loss,accuracy,top_3,precision,recall,f1,roc_auc,confusion",  # on the test set
+            train_examples=0,  # > 0: train on the first N training examples only (quick runs)
+            data_source="auto",  # "raw": the IDX files, no TensorFlow; "tfds"; "auto"
+            dtype="float32",  # computation dtype; "bfloat16": mixed precision
+            feature_maps=2,  # feature_maps.png of this many test images (and filters.png); 0: none
         )
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Runs the experiment described by ``config``; returns the results dict it writes."""
-    train_images, train_labels = data.load(config.dataset, "train")
-    test_images, test_labels = data.load(config.dataset, "test")
-    model = fc.models.get(config.model, num_classes=data.num_classes(config.dataset))
-    tx = fc.optim.make(config.optimizer, learning_rate=config.learning_rate)
-    state = fc.create_train_state(jax.random.key(config.seed), model, tx, train_images[:1])
+class Datasets(NamedTuple):
+    """What an experiment trains and tests on.
+
+    Attributes:
+      train: ``(images, labels)`` arrays (fit's device-resident path) or a callable
+        ``epoch -> iterable of batches`` such as a ``flaxconv.data.ImageFolder`` (streaming).
+      test: ``(images, labels)`` arrays.
+      num_classes: width of the model's logits.
+      validation: ``(images, labels)`` evaluated after every epoch; when given, the
+        config's ``validation_split`` is not applied.
+      class_names: written to results.json when given.
+    """
+
+    train: Any
+    test: tuple[Any, Any]
+    num_classes: int
+    validation: tuple[Any, Any] | None = None
+    class_names: tuple[str, ...] | None = None
+
+
+def load_datasets(config: ml_collections.ConfigDict) -> Datasets:
+    """``config.dataset``'s train and test splits via :func:`flaxconv.data.load`."""
+    train_images, train_labels = data.load(config.dataset, "train", source=config.data_source)
+    test_images, test_labels = data.load(config.dataset, "test", source=config.data_source)
+    if config.train_examples:
+        train_images = train_images[: config.train_examples]
+        train_labels = train_labels[: config.train_examples]
+    return Datasets(
+        (train_images, train_labels), (test_images, test_labels),
+        data.num_classes(config.dataset),
+    )
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    *,
+    datasets: Datasets | None = None,
+    model: Any = None,
+    tx: Any = None,
+    callbacks: tuple = (),
+) -> dict[str, Any]:
+    """Runs the experiment described by ``config``; returns the results dict it writes.
+
+    The keyword arguments replace what is otherwise built from ``config``: ``datasets``
+    (default :func:`load_datasets`), ``model`` (a linen module; default
+    ``fc.models.get(config.model, ...)``), ``tx`` (an Optax optimizer, e.g. with a
+    schedule; default ``fc.optim.make(config.optimizer, config.learning_rate)``), and
+    ``callbacks`` for ``fit``.
+    """
+    parallel.initialize()  # a multi-process run when JAX_COORDINATOR_ADDRESS etc. are set
+    if datasets is None:
+        datasets = load_datasets(config)
+    train = datasets.train
+    test_images, test_labels = datasets.test
+    if model is None:
+        model = fc.models.get(config.model, num_classes=datasets.num_classes, dtype=config.dtype)
+    if tx is None:
+        tx = fc.optim.make(config.optimizer, learning_rate=config.learning_rate)
+    sample = next(iter(train(0)))["image"][:1] if callable(train) else train[0][:1]
+    state = fc.create_train_state(jax.random.key(config.seed), model, tx, sample)
     if config.verbose != "silent":
         print(viz.summary(state), flush=True)
 
@@ -57,17 +115,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
     start = time.perf_counter()
     state, history = fit(
         state,
-        (train_images, train_labels),
+        train,
         epochs=config.epochs,
         batch_size=config.batch_size,
-        validation_split=config.validation_split or None,
+        validation_data=datasets.validation,
+        validation_split=config.validation_split or None if datasets.validation is None else None,
+        callbacks=callbacks,
+        steps_per_epoch=getattr(train, "steps_per_epoch", None),
         workdir=config.workdir,
         verbose=config.verbose,
-        config=config.to_dict(),
+        config={k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES},
     )
     train_seconds = time.perf_counter() - start
 
-    test = summarize(evaluate(state, test_images, test_labels))
+    test = metrics_lib.evaluate(state, test_images, test_labels, f"loss,accuracy,{config.metrics}")
     results = {
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
@@ -79,14 +140,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "num_params": fc.num_params(state.params),
         "config": config.to_dict(),
         "history": history,
+        "test_metrics": {k: v.tolist() if hasattr(v, "tolist") else v for k, v in test.items()},
     }
+    if datasets.class_names is not None:
+        results["class_names"] = list(datasets.class_names)
     if config.verbose != "silent":
-        print(f"test_loss: {test['loss']:.4f} - test_accuracy: {test['accuracy']:.4f} "
-              f"({len(test_labels)} test images)", flush=True)
+        numbers = " - ".join(
+            f"test_{k}: {v:.4f}" for k, v in test.items() if k != "count" and np.ndim(v) == 0
+        )
+        print(f"{numbers} ({len(test_labels)} test images)", flush=True)
     _write_json(os.path.join(config.workdir, "results.json"), results)
     if history:
         viz.plot_history(history, os.path.join(config.workdir, "curves.png"))
+    if config.get("feature_maps", 0) > 0 and viz.map_layers(state):
+        images = test_images[: config.feature_maps]
+        viz.feature_maps(state, images, os.path.join(config.workdir, "feature_maps.png"))
+        viz.filters(state, os.path.join(config.workdir, "filters.png"))
     return results
+
+
+# Flags that a resumed run may change: they do not alter the training.
+RESUMABLE_CHANGES = ("epochs", "verbose", "workdir", "metrics", "feature_maps")
 
 
 def _write_json(path: str, obj: Any) -> None:

@@ -6,13 +6,17 @@ Two data paths, picked by the type of ``train_data``:
 * arrays ``(images, labels)`` (uint8 ``[N, H, W, C]``, int ``[N]``): the fast path. The
   data goes to the device once; each epoch is one (or, with a progress bar, a few) jitted
   ``lax.scan`` over a permutation drawn from the state's rng and the epoch number
-  (:mod:`flaxconv.epochs`). Same seed, same data order, same parameters: so a resumed run
-  ends exactly where an uninterrupted one does.
+  (:mod:`flaxconv.epochs`).
 * a callable ``epoch -> iterable of batches`` (e.g. a ``flaxconv.data.stream`` pipeline): the
-  streaming path, one donated jitted step per batch.
+  streaming path, one donated jitted step per batch. For resume it must give the same
+  batches for the same epoch.
 
-With a ``workdir``, every epoch ends with an Orbax checkpoint and ``history.json``/``.csv``;
-running the same call again resumes from the newest intact checkpoint.
+With a ``workdir``, every epoch ends with an Orbax checkpoint of the state, the history and
+the callbacks' state, then ``history.json``/``.csv``; training ends with ``curves.png``
+(:func:`flaxconv.viz.plot_history`). Running the same
+call again resumes from the newest intact checkpoint at the start of the next epoch: the
+data order is a function of the state's rng and the epoch alone, so a run killed at any
+moment and resumed ends with the same parameters as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -23,18 +27,21 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flaxconv import epochs as ep
+from flaxconv import metrics as metrics_lib
+from flaxconv import parallel
 from flaxconv.callbacks import Callback
 from flaxconv.checkpoint import Checkpoints
+from flaxconv.metrics import check_labels, num_classes
 from flaxconv.state import TrainState
-from flaxconv.steps import predict_fn, summarize, train_step_fn
+from flaxconv.steps import train_step_fn
 
 History = dict[str, list[float]]
 ArrayData = tuple[Any, Any]
@@ -44,14 +51,26 @@ _DATA_ORDER_DOMAIN = 0x7FFFFFFF
 
 _train_step_donated = jax.jit(train_step_fn, donate_argnums=0)
 
+__all__ = [
+    "History",
+    "IncompatibleWorkdirError",
+    "NonFiniteLossError",
+    "check_labels",
+    "data_order_key",
+    "fit",
+    "num_classes",
+    "run_config",
+]
+
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss; ``step`` is the first bad step."""
+    """Training produced a NaN or infinite loss; ``step`` is the first bad step (1-based)."""
 
-    def __init__(self, step: int, loss: float):
-        self.step, self.loss = step, loss
+    def __init__(self, step: int, loss: float, epoch: int | None = None):
+        self.step, self.loss, self.epoch = step, loss, epoch
+        where = f"step {step}" + ("" if epoch is None else f" (epoch {epoch + 1})")
         super().__init__(
-            f"the training loss became {loss} at step {step}; stopped (lower the learning "
+            f"the training loss became {loss} at {where}; stopped (lower the learning "
             f"rate or check the inputs). The last good checkpoint, if any, is kept."
         )
 
@@ -64,25 +83,6 @@ def data_order_key(state: TrainState, epoch: int) -> jax.Array:
     """The permutation key of ``epoch``: a function of the state's rng and the epoch only."""
     base = jax.random.fold_in(jax.random.wrap_key_data(state.rng), _DATA_ORDER_DOMAIN)
     return jax.random.fold_in(base, epoch)
-
-
-def num_classes(state: TrainState) -> int:
-    """The width of the model's logits."""
-    probe = jax.ShapeDtypeStruct((1, *state.input_shape), jnp.float32)
-    return int(jax.eval_shape(predict_fn, state, probe).shape[-1])
-
-
-def check_labels(labels: Any, classes: int, what: str = "labels") -> None:
-    """Rejects labels outside ``[0, classes)`` before any training happens."""
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{what} are {labels.dtype}{list(labels.shape)}; expected int [N]")
-    if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        bad = labels[(labels < 0) | (labels >= classes)]
-        raise ValueError(
-            f"{what} hold {bad.size} value(s) outside [0, {classes}), e.g. {int(bad[0])}; "
-            f"the model has {classes} classes"
-        )
 
 
 def _as_arrays(data: ArrayData, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +100,10 @@ def _split(data: ArrayData, fraction: float) -> tuple[ArrayData, ArrayData]:
         raise ValueError(f"validation_split={fraction}; expected a fraction in (0, 1)")
     images, labels = data
     cut = len(labels) - int(round(len(labels) * fraction))
+    if cut == 0 or cut == len(labels):
+        raise ValueError(
+            f"validation_split={fraction} of {len(labels)} examples leaves an empty split"
+        )
     return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
 
 
@@ -170,9 +174,14 @@ def _train_epoch_arrays(state, images, labels, plan, key, progress, chunks):
     return state, sums
 
 
-def _train_epoch_stream(state, batches: Iterable[dict], progress):
+def _train_epoch_stream(state, batches: Iterable[dict], progress, classes: int):
     per_step = []
     for batch in batches:
+        labels = batch.get("label") if isinstance(batch, dict) else None
+        if isinstance(labels, np.ndarray):  # host batches: checked for free, before the step
+            mask = batch.get("mask")
+            check_labels(labels if mask is None else labels[np.asarray(mask, bool)], classes,
+                         "training labels")
         state, sums = _train_step_donated(state, batch)
         per_step.append(sums)
         progress.advance(1)
@@ -182,17 +191,56 @@ def _train_epoch_stream(state, batches: Iterable[dict], progress):
     return state, sums
 
 
+def _replace_file(path: str, write: Callable[[str], Any]) -> None:
+    """Writes ``path`` through a temporary file, so a kill never leaves half a file."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    _replace_file(path, write)
+
+
 def _write_history(workdir: str, history: History) -> None:
-    tmp = os.path.join(workdir, "history.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(history, f, indent=1)
-    os.replace(tmp, os.path.join(workdir, "history.json"))
-    keys = list(history)
-    rows = zip(*(history[k] for k in keys), strict=True)
-    with open(os.path.join(workdir, "history.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["epoch", *keys])
-        writer.writerows([i + 1, *row] for i, row in enumerate(rows))
+    """``history.json`` and ``history.csv`` (a row per epoch)."""
+    _write_json(os.path.join(workdir, "history.json"), history)
+
+    def write_csv(tmp):
+        keys = list(history)
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["epoch", *keys])
+            rows = zip(*history.values(), strict=True)  # _append keeps them aligned
+            writer.writerows([i + 1, *row] for i, row in enumerate(rows))
+
+    _replace_file(os.path.join(workdir, "history.csv"), write_csv)
+
+
+def _write_curves(workdir: str, history: History) -> None:
+    """``curves.png``: loss and accuracy per epoch, train vs validation."""
+    from flaxconv import viz  # matplotlib is imported only here
+
+    _replace_file(os.path.join(workdir, "curves.png"), lambda t: viz.plot_history(history, t))
+
+
+def _append(history: History, logs: dict[str, float]) -> None:
+    """Appends an epoch's logs; keys new or missing this epoch get NaN so rows line up."""
+    epochs = max((len(v) for v in history.values()), default=0)
+    for key in logs:
+        history.setdefault(key, [math.nan] * epochs)
+    for key, values in history.items():
+        values.append(float(logs.get(key, math.nan)))
+
+
+def _one_line(value: Any, limit: int = 80) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_config(workdir: str, config: dict[str, Any]) -> None:
@@ -202,28 +250,55 @@ def _check_config(workdir: str, config: dict[str, Any]) -> None:
     if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
-        changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+        changed = sorted(
+            (k for k in set(previous) | set(config) if previous.get(k) != config.get(k)),
+            key=lambda k: (k.startswith("_"), k),  # the caller's keys first
+        )
         if changed:
-            details = "; ".join(f"{k}: {previous.get(k)!r} -> {config.get(k)!r}" for k in changed)
+            details = "; ".join(
+                f"{k.lstrip('_')}: {_one_line(previous.get(k))} -> {_one_line(config.get(k))}"
+                for k in changed
+            )
             raise IncompatibleWorkdirError(
                 f"workdir {workdir} holds a run with another configuration ({details}); "
-                f"use another --workdir or delete it"
+                f"use another workdir or delete this one"
             )
         return
-    with open(path, "w") as f:
-        json.dump(config, f, indent=1)
+    _write_json(path, config)
 
 
 def run_config(state: TrainState, config: dict[str, Any] | None) -> dict[str, Any]:
-    """What must match for a workdir to be resumed: the model, input shape, params shapes
-    and the caller's ``config``."""
+    """What must match for a workdir to be resumed: the model, input shape, parameter
+    shapes, optimizer state structure, and the caller's ``config``."""
     shapes = jax.tree.map(lambda x: list(np.shape(x)), state.params)
     return {
-        "model": repr(state.model),
-        "input_shape": list(state.input_shape),
-        "param_shapes": json.dumps(shapes, sort_keys=True),
+        "_model": _one_line(repr(state.model), limit=10_000),
+        "_input_shape": list(state.input_shape),
+        "_param_shapes": json.dumps(shapes, sort_keys=True),
+        "_opt_state": str(jax.tree.structure(state.opt_state)),
         **(config or {}),
     }
+
+
+def _callback_states(callbacks: Sequence[Callback]) -> list[dict[str, Any]]:
+    return [
+        {"class": type(c).__name__, "state": c.state_dict() if hasattr(c, "state_dict") else {}}
+        for c in callbacks
+    ]
+
+
+def _load_callback_states(callbacks: Sequence[Callback], saved: list[dict[str, Any]]) -> None:
+    for i, callback in enumerate(callbacks):
+        entry = saved[i] if i < len(saved) else None
+        if entry is None or entry.get("class") != type(callback).__name__:
+            warnings.warn(
+                f"callback {i} ({type(callback).__name__}) has no saved state in the "
+                f"checkpoint (the callbacks differ from the first run's); it starts afresh",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        elif hasattr(callback, "load_state_dict"):
+            callback.load_state_dict(entry["state"])
 
 
 def fit(
@@ -237,6 +312,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     workdir: str | os.PathLike | None = None,
     verbose: str | int = "auto",
+    metrics: Sequence[str] = (),
     config: dict[str, Any] | None = None,
     eval_batch_size: int = 1000,
     steps_per_epoch: int | None = None,
@@ -253,16 +329,20 @@ def fit(
       validation_data: ``(images, labels)`` evaluated after every epoch (``val_*`` logs).
       validation_split: Keras's: hold out the last fraction of array ``train_data``.
       callbacks: objects following :mod:`flaxconv.callbacks`.
-      workdir: where checkpoints (``checkpoints/``), ``config.json``, ``history.json`` and
-        ``history.csv`` go; a workdir with checkpoints is resumed.
+      workdir: where ``checkpoints/``, ``config.json``, ``history.json``, ``history.csv``
+        and ``curves.png`` go; a workdir with checkpoints is resumed.
       verbose: "bar" (a progress bar per step), "epoch" (a line per epoch), "silent", or
         "auto" (bar on a terminal, else epoch lines); Keras's 1/2/0 work too.
+      metrics: more validation metrics, names of :mod:`flaxconv.metrics` with a scalar
+        value (e.g. ``("top_5", "f1", "roc_auc")``), logged as ``val_<name>``.
       config: extra JSON-able settings that a resumed run must share (e.g. the CLI flags).
       eval_batch_size: batch size of the validation passes.
+      steps_per_epoch: the progress bar's length for streaming data.
 
     Returns:
       The trained state and the history: a dict of per-epoch lists ``loss``, ``accuracy``,
-      ``val_loss``, ``val_accuracy`` (with validation), ``lr`` and ``epoch_seconds``.
+      ``val_loss``, ``val_accuracy`` (with validation), ``val_<metric>``, ``lr`` and
+      ``epoch_seconds``. A resumed run returns the whole history, earlier epochs included.
 
     Raises:
       NonFiniteLossError: a NaN/inf loss, naming the step; the last checkpoint stays.
@@ -272,6 +352,12 @@ def fit(
     verbose = _resolve_verbose(verbose)
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs={epochs!r}; expected a non-negative integer")
+    if isinstance(metrics, str):
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+    if "confusion" in metrics:
+        raise ValueError("metrics: 'confusion' is not a number to log per epoch; use "
+                         "flaxconv.metrics.evaluate for it")
+    val_spec = metrics_lib.spec(("loss", "accuracy", *metrics))
     classes = num_classes(state)
     streaming = callable(train_data)
     if streaming and validation_split:
@@ -281,46 +367,54 @@ def fit(
         if validation_split:
             train_data, validation_data = _split(train_data, validation_split)
         check_labels(train_data[1], classes, "training labels")
-        images = jnp.asarray(train_data[0])
-        labels = jnp.asarray(train_data[1], jnp.int32)
-        plan = ep.epoch_plan(len(train_data[1]), batch_size)
+        # Data parallel: state and data replicated over the devices of the state's mesh
+        # (all devices by default), each step's batch split over them (flaxconv.parallel).
+        state, images, labels, plan = parallel.place_for_fit(state, *train_data, batch_size)
         steps_per_epoch = plan.steps
     if validation_data is not None:
         validation_data = _as_arrays(validation_data, "validation_data")
         check_labels(validation_data[1], classes, "validation labels")
 
     history: History = {}
-    start_epoch = 0
+    start_epoch, stopped = 0, False
     checkpoints = None
-    if workdir is not None:
-        workdir = os.fspath(workdir)
-        os.makedirs(workdir, exist_ok=True)
-        _check_config(workdir, run_config(state, {"batch_size": batch_size, **(config or {})}))
-        checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=2)
-        restored = checkpoints.restore_latest(state)
-        if restored is not None:
-            state, meta = restored
-            start_epoch = int(meta["epoch"]) + 1
-            history = {k: list(v) for k, v in meta.get("history", {}).items()}
-            for callback, saved in zip(callbacks, meta.get("callbacks", []), strict=False):
-                if hasattr(callback, "load_state_dict"):
-                    callback.load_state_dict(saved)
-            if verbose != "silent":
-                print(f"Resuming from {checkpoints.directory}/{start_epoch - 1} "
-                      f"(epoch {start_epoch}/{epochs} done)", flush=True)
-
-    for callback in callbacks:
-        if hasattr(callback, "on_train_begin"):
-            callback.on_train_begin(state, workdir)
-    progress = _Progress(verbose, epochs, steps_per_epoch)
-    chunks = 20 if verbose == "bar" else 1
     try:
-        for epoch in range(start_epoch, epochs):
+        if workdir is not None:
+            workdir = os.fspath(workdir)
+            os.makedirs(workdir, exist_ok=True)
+            _check_config(workdir, run_config(state, {"batch_size": batch_size, **(config or {})}))
+            checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=2)
+            had_checkpoints = bool(checkpoints.epochs())
+            restored = checkpoints.restore_latest(state)
+            if restored is not None:
+                state, meta = restored
+                start_epoch = int(meta["epoch"]) + 1
+                stopped = bool(meta.get("stopped", False))
+                history = {k: list(v) for k, v in meta.get("history", {}).items()}
+                _load_callback_states(callbacks, meta.get("callbacks", []))
+                if verbose != "silent":
+                    done = "stopped by a callback" if stopped else f"{start_epoch}/{epochs} done"
+                    print(f"Resuming from {checkpoints.directory}/{start_epoch - 1} "
+                          f"(epoch {done})", flush=True)
+            elif had_checkpoints:
+                warnings.warn(
+                    f"no intact checkpoint in {checkpoints.directory}; training starts over",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+        for callback in callbacks:
+            if hasattr(callback, "on_train_begin"):
+                callback.on_train_begin(state, workdir)
+        progress = _Progress(verbose, epochs, steps_per_epoch)
+        chunks = 20 if verbose == "bar" else 1
+        last = start_epoch if stopped else epochs  # a stopped run stays stopped
+        for epoch in range(start_epoch, last):
             progress.begin(epoch)
             first_step = int(state.step)
             start = time.perf_counter()
             if streaming:
-                state, sums = _train_epoch_stream(state, train_data(epoch), progress)
+                state, sums = _train_epoch_stream(state, train_data(epoch), progress, classes)
             else:
                 key = data_order_key(state, epoch)
                 state, sums = _train_epoch_arrays(
@@ -330,36 +424,46 @@ def fit(
             losses = sums["loss_sum"] / np.maximum(sums["count"], 1)
             bad = _first_non_finite(losses)
             if bad is not None:
-                raise NonFiniteLossError(first_step + bad + 1, float(losses[bad]))
-            logs = summarize(jax.tree.map(np.sum, sums))
+                raise NonFiniteLossError(first_step + bad + 1, float(losses[bad]), epoch)
+            total = jax.tree.map(np.sum, sums)
+            count = max(float(total["count"]), 1.0)
+            logs = {"loss": total["loss_sum"] / count, "accuracy": total["correct"] / count}
             if validation_data is not None:
-                val = ep.evaluate(state, *validation_data, batch_size=eval_batch_size)
-                logs.update({f"val_{k}": v for k, v in summarize(val).items()})
+                val = metrics_lib.evaluate(
+                    state, *validation_data, val_spec.names, batch_size=eval_batch_size
+                )
+                logs.update({f"val_{k}": val[k] for k in val_spec.names})
+            logs = {k: float(v) for k, v in logs.items()}
             logs["lr"] = _current_lr(state)
             logs["epoch_seconds"] = seconds
             for callback in callbacks:
                 new_state = callback.on_epoch_end(epoch, logs, state)
                 state = state if new_state is None else new_state
-            for k, v in logs.items():
-                history.setdefault(k, []).append(float(v))
+            _append(history, logs)
             progress.end(len(losses), seconds, logs)
+            stopped = any(getattr(c, "stop_training", False) for c in callbacks)
             if checkpoints is not None:
                 meta = {
                     "epoch": epoch,
+                    "stopped": stopped,
                     "history": history,
-                    "callbacks": [
-                        c.state_dict() if hasattr(c, "state_dict") else {} for c in callbacks
-                    ],
+                    "callbacks": _callback_states(callbacks),
                 }
                 checkpoints.save(epoch, state, meta)
                 _write_history(workdir, history)
-            if any(getattr(c, "stop_training", False) for c in callbacks):
+            if stopped:
                 break
         for callback in callbacks:
             if hasattr(callback, "on_train_end"):
                 new_state = callback.on_train_end(state)
                 state = state if new_state is None else new_state
+        if workdir is not None and history:
+            _write_curves(workdir, history)  # once: a plot costs more than a small epoch
     finally:
+        # Also after an error or Ctrl-C: pending asynchronous saves reach the disk.
+        for callback in callbacks:
+            if hasattr(callback, "close"):
+                callback.close()
         if checkpoints is not None:
             checkpoints.close()
     return state, history

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -76,8 +77,7 @@ def create_train_state(
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
     init_key, train_key = jax.random.split(key)
-    dummy = jnp.zeros((1, *shape[1:]), jnp.float32)
-    variables = jax.jit(lambda k: model.init({"params": k}, dummy, train=False))(init_key)
+    variables = _init_variables(model, init_key, shape[1:])
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     return TrainState(
@@ -90,6 +90,12 @@ def create_train_state(
         tx=tx,
         input_shape=shape[1:],
     )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]):
+    # Jitted once per (model, input shape): modules are hashable dataclasses.
+    return model.init({"params": key}, jnp.zeros((1, *input_shape), jnp.float32), train=False)
 
 
 def num_params(params: Any) -> int:

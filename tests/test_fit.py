@@ -1,0 +1,236 @@
+"""fit(): history and its files, curves, validation, verbosity, bad input, non-finite losses,
+incompatible and corrupt workdirs, streaming data, per-epoch validation metrics."""
+
+import csv
+import functools
+import glob
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import flaxconv as fc
+from flaxconv import data
+from flaxconv.checkpoint import load_state
+from flaxconv.experiment import cli, default_config
+from flaxconv.fit import IncompatibleWorkdirError, NonFiniteLossError
+
+CLASSES = 4
+MODEL = fc.models.get("dense", num_classes=CLASSES, hidden=(16,))
+TX = fc.optim.make("adam", learning_rate=1e-2)  # one object: jitted epochs compile once
+BATCH = 16
+REAL_DATA = os.environ.get("FLAXCONV_DATA_DIR")
+needs_mnist = pytest.mark.skipif(
+    not (REAL_DATA and os.path.isdir(os.path.join(REAL_DATA, "mnist"))),
+    reason="needs real MNIST in $FLAXCONV_DATA_DIR/mnist",
+)
+
+
+def dataset(n=96, seed=0):
+    """8x8 uint8 images whose class shows as one bright pixel in noise: learnable, tiny."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, n).astype(np.int32)
+    images = rng.integers(0, 100, (n, 8, 8, 1)).astype(np.uint8)
+    images[np.arange(n), 2 * labels, 2 * labels, 0] = 255
+    return images, labels
+
+
+@functools.cache
+def _initial(model):
+    return fc.create_train_state(jax.random.key(0), model, TX, np.zeros((1, 8, 8, 1)))
+
+
+def new_state(model=MODEL):
+    """A fresh copy of the initial state (fit donates the buffers of the state it gets)."""
+    return jax.tree.map(lambda x: x.copy(), _initial(model))
+
+
+def fit(state=None, train=None, epochs=2, **kwargs):
+    kwargs.setdefault("verbose", "silent")
+    kwargs.setdefault("batch_size", BATCH)
+    return fc.fit(new_state() if state is None else state, train or dataset(), epochs, **kwargs)
+
+
+def test_history_files_curves_and_finished_saves(tmp_path):
+    state, history = fit(epochs=3, validation_data=dataset(40, seed=1), workdir=tmp_path)
+    assert set(history) == {
+        "loss", "accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds"
+    }
+    assert all(len(v) == 3 for v in history.values())
+    assert history["loss"][-1] < history["loss"][0]
+    assert history["lr"] == [pytest.approx(1e-2)] * 3
+    assert json.loads((tmp_path / "history.json").read_text()) == history
+    with open(tmp_path / "history.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["epoch", *history]
+    assert [int(r[0]) for r in rows[1:]] == [1, 2, 3]
+    assert [float(r[1]) for r in rows[1:]] == history["loss"]
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    # The asynchronous save of the last epoch is on disk when fit returns.
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+    restored, meta = load_state(tmp_path / "checkpoints", new_state())
+    chex.assert_trees_all_equal(restored.params, state.params)
+    assert meta["epoch"] == 2 and meta["history"] == history
+
+
+def test_validation_split_holds_out_the_last_fraction():
+    images, labels = dataset()
+    _, split = fit(train=(images, labels), validation_split=0.25)
+    _, explicit = fit(train=(images[:72], labels[:72]), validation_data=(images[72:], labels[72:]))
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert split[key] == explicit[key]
+    with pytest.raises(ValueError, match="validation_split=1.5"):
+        fit(validation_split=1.5)
+
+
+def test_verbose_modes(capsys):
+    fit(epochs=2, verbose="epoch")
+    out = capsys.readouterr().out
+    assert out.count("Epoch ") == 2 and "Epoch 2/2" in out
+    assert "6/6 - " in out and " - loss: " in out and " - accuracy: " in out
+    fit(epochs=1, verbose="bar")
+    out = capsys.readouterr().out
+    assert "Epoch 1/1" in out and "━" in out  # the per-step progress bar
+    fit(epochs=1, verbose="silent")
+    assert capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match="verbose='loud'"):
+        fit(verbose="loud")
+
+
+def test_labels_outside_the_classes_are_rejected_before_training(tmp_path):
+    images, labels = dataset()
+    labels[5] = CLASSES
+    with pytest.raises(ValueError, match=r"outside \[0, 4\), e.g. 4"):
+        fit(train=(images, labels), workdir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing was started
+    with pytest.raises(ValueError, match=r"validation labels .*e.g. -1"):
+        fit(validation_data=(images[:4], np.array([0, 1, -1, 2])))
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    good, _ = fit(epochs=2, workdir=tmp_path)
+    images, labels = dataset()
+    poisoned = np.full(images.shape, np.nan, np.float32)
+    with pytest.raises(NonFiniteLossError, match=r"became nan at step 13 \(epoch 3\)") as error:
+        fit(train=(poisoned, labels), epochs=3, workdir=tmp_path)
+    assert error.value.step == 2 * 6 + 1 and error.value.epoch == 2
+    restored, meta = load_state(tmp_path / "checkpoints", new_state())
+    assert meta["epoch"] == 1
+    chex.assert_trees_all_equal(restored.params, good.params)
+
+
+@needs_mnist
+def test_cli_reports_a_non_finite_loss_in_one_line(tmp_path, capsys):
+    argv = ["--data-source", "raw", "--train-examples", "128", "--model", "dense",
+            "--optimizer", "sgd", "--learning-rate", "1e30", "--epochs", "1",
+            "--verbose", "silent", "--workdir", str(tmp_path)]
+    assert cli(default_config(), "", argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert err.startswith("error: the training loss became") and " at step " in err
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+    fit(epochs=1, workdir=tmp_path)
+    other = fc.models.get("dense", num_classes=CLASSES, hidden=(8,))
+    with pytest.raises(IncompatibleWorkdirError, match="another configuration.*model: ConvStack"):
+        fit(new_state(model=other), epochs=2, workdir=tmp_path)
+    assert os.listdir(tmp_path / "checkpoints") == ["0"]  # left as it was
+
+
+@needs_mnist
+def test_cli_refuses_an_incompatible_workdir_in_one_line(tmp_path, capsys):
+    common = ["--data-source", "raw", "--train-examples", "64", "--batch-size", "32",
+              "--verbose", "epoch", "--metrics", "accuracy", "--workdir", str(tmp_path)]
+    assert cli(default_config(), "", ["--model", "dense", "--epochs", "1", *common]) == 0
+    capsys.readouterr()
+    assert cli(default_config(), "", ["--model", "fashion_cnn", "--epochs", "1", *common]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and err.startswith("error: workdir ")
+    assert "model: dense -> fashion_cnn" in err and "Epoch" not in captured.out
+    # More epochs (or another verbosity) is the same run, continued.
+    assert cli(default_config(), "", ["--model", "dense", "--epochs", "2", *common]) == 0
+    out = capsys.readouterr().out
+    assert "Resuming from" in out and out.count("Epoch ") == 1
+
+
+def _corrupt(checkpoint, how):
+    if how == "garble_array_bytes":  # Orbax itself would load this silently
+        path = max(glob.glob(f"{checkpoint}/state/ocdbt.process_0/d/*"), key=os.path.getsize)
+        raw = bytearray(open(path, "rb").read())
+        raw[len(raw) // 2] ^= 0xFF
+        open(path, "wb").write(bytes(raw))
+    elif how == "truncate_meta":
+        path = f"{checkpoint}/meta/metadata"
+        open(path, "r+b").truncate(os.path.getsize(path) // 2)
+    elif how == "delete_state_manifest":
+        os.remove(f"{checkpoint}/state/manifest.ocdbt")
+
+
+@pytest.mark.parametrize("how", ["garble_array_bytes", "truncate_meta", "delete_state_manifest"])
+def test_corrupt_newest_checkpoint_is_reported_and_skipped(tmp_path, how, capsys):
+    reference, history = fit(epochs=3, workdir=tmp_path)
+    _corrupt(tmp_path / "checkpoints" / "2", how)
+    with pytest.warns(RuntimeWarning, match="checkpoints/2 is corrupt or incomplete"):
+        resumed, resumed_history = fit(epochs=3, workdir=tmp_path, verbose="epoch")
+    out = capsys.readouterr().out
+    assert "Resuming from" in out and out.count("Epoch ") == 1  # only epoch 3 again
+    chex.assert_trees_all_equal(resumed.params, reference.params)
+    assert resumed_history["loss"] == history["loss"]
+    assert len(os.listdir(f"{tmp_path}/checkpoints.corrupt")) == 1  # kept aside
+
+
+def test_all_checkpoints_corrupt_starts_over_with_a_warning(tmp_path):
+    reference, _ = fit(epochs=2, workdir=tmp_path)
+    for epoch in ("0", "1"):
+        _corrupt(tmp_path / "checkpoints" / epoch, "truncate_meta")
+    with pytest.warns(RuntimeWarning, match="training starts over"):
+        again, history = fit(epochs=2, workdir=tmp_path)
+    assert len(history["loss"]) == 2
+    chex.assert_trees_all_equal(again.params, reference.params)
+
+
+def test_streaming_data_trains_and_resumes_exactly(tmp_path):
+    images, labels = dataset()
+
+    def batches(epoch):
+        return data.batches(images, labels, BATCH, shuffle=True, seed=3, epoch=epoch)
+
+    whole, history = fit(train=batches, epochs=3)
+    assert len(history["loss"]) == 3 and history["loss"][-1] < history["loss"][0]
+    fit(train=batches, epochs=1, workdir=tmp_path)
+    resumed, resumed_history = fit(train=batches, epochs=3, workdir=tmp_path)
+    chex.assert_trees_all_equal(resumed.params, whole.params)
+    assert resumed_history["loss"] == history["loss"]
+
+    bad = labels.copy()
+    bad[0] = 7
+    with pytest.raises(ValueError, match=r"training labels .*e.g. 7"):
+        fit(train=lambda epoch: data.batches(images, bad, BATCH), epochs=1)
+
+
+def test_metrics_argument_logs_validation_metrics():
+    validation = dataset(40, seed=1)
+    state, history = fit(validation_data=validation, metrics=("top_2", "f1", "roc_auc"))
+    for key in ("val_top_2", "val_f1", "val_roc_auc"):
+        assert len(history[key]) == 2
+    final = fc.metrics.evaluate(state, *validation, ("top_2", "f1", "roc_auc"))
+    assert history["val_top_2"][-1] == final["top_2"]
+    assert history["val_f1"][-1] == final["f1"]
+    assert history["val_roc_auc"][-1] == final["roc_auc"]
+    with pytest.raises(ValueError, match="unknown metric 'top5'"):
+        fit(validation_data=validation, metrics=("top5",))
+
+
+def test_a_finished_run_run_again_returns_its_result(tmp_path, capsys):
+    state, history = fit(epochs=2, workdir=tmp_path)
+    again, again_history = fit(epochs=2, workdir=tmp_path, verbose="epoch")
+    assert "Resuming from" in capsys.readouterr().out
+    assert again_history == history
+    chex.assert_trees_all_equal(again.params, state.params)
+    assert int(again.step) == int(state.step) == 12

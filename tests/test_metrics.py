@@ -1,0 +1,178 @@
+"""flaxconv.metrics against plain numpy reference computations, and exact over batch splits."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxconv as fc
+from flaxconv import metrics
+
+ALL = ("loss", "accuracy", "top_1", "top_3", "precision", "recall", "f1", "roc_auc", "confusion")
+stats = jax.jit(metrics.stats_fn, static_argnames="spec")
+
+
+def random_logits(n=301, classes=7, seed=0, scale=3.0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    logits = rng.normal(size=(n, classes)) * scale
+    logits[np.arange(n), labels] += scale  # better than chance, not perfect
+    return logits.astype(np.float32), labels.astype(np.int32)
+
+
+# ----------------------------------------------------------------- straightforward references
+
+
+def reference(logits, labels):
+    logits = logits.astype(np.float64)
+    n, classes = logits.shape
+    pred = logits.argmax(1)
+    confusion = np.zeros((classes, classes), np.int64)
+    for t, p in zip(labels, pred, strict=True):
+        confusion[t, p] += 1
+    order = np.argsort(-logits, axis=1)
+    top = {k: np.mean([labels[i] in order[i, :k] for i in range(n)]) for k in (1, 3)}
+    per_class = {"precision": [], "recall": [], "f1": []}
+    present = []
+    for c in range(classes):
+        tp = np.sum((pred == c) & (labels == c))
+        fp = np.sum((pred == c) & (labels != c))
+        fn = np.sum((pred != c) & (labels == c))
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        per_class["precision"].append(p)
+        per_class["recall"].append(r)
+        per_class["f1"].append(2 * p * r / (p + r) if p + r else 0.0)
+        present.append(np.any(pred == c) or np.any(labels == c))
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    probs = np.exp(log_p)
+    aucs = []
+    for c in range(classes):  # Mann-Whitney: P(positive scores above negative), ties 1/2
+        pos, neg = probs[labels == c, c], probs[labels != c, c]
+        if len(pos) and len(neg):
+            wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+            aucs.append(wins / (len(pos) * len(neg)))
+        else:
+            aucs.append(np.nan)
+    return {
+        "loss": -np.mean(log_p[np.arange(n), labels]),
+        "accuracy": np.mean(pred == labels),
+        "top_1": top[1],
+        "top_3": top[3],
+        "confusion": confusion,
+        "per_class": {k: np.array(v) for k, v in per_class.items()},
+        "macro": {k: np.mean(np.array(v)[present]) for k, v in per_class.items()},
+        "roc_auc_per_class": np.array(aucs),
+    }
+
+
+def test_every_metric_matches_the_reference():
+    logits, labels = random_logits()
+    spec = metrics.spec(ALL)
+    sums = jax.device_get(stats(logits, labels, spec=spec))
+    got = metrics.compute(sums, spec)
+    ref = reference(logits, labels)
+    assert got["count"] == len(labels)
+    np.testing.assert_array_equal(got["confusion"], ref["confusion"])
+    for key in ("accuracy", "top_1", "top_3"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-15)
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    for key in ("precision", "recall", "f1"):
+        np.testing.assert_allclose(got[f"{key}_per_class"], ref["per_class"][key], atol=1e-15)
+        assert got[key] == pytest.approx(ref["macro"][key], abs=1e-15)
+    # ROC AUC from histograms: within its own stated bound of the exact value, and tight.
+    _, bounds = metrics.roc_auc_from_histograms(sums["roc_pos"], sums["roc_neg"])
+    error = np.abs(got["roc_auc_per_class"] - ref["roc_auc_per_class"])
+    assert np.all(error <= bounds + 1e-12)
+    assert got["roc_auc_max_error"] < 2e-3
+    assert abs(got["roc_auc"] - np.mean(ref["roc_auc_per_class"])) <= got["roc_auc_max_error"]
+
+
+def test_roc_auc_error_stays_within_the_per_class_bound():
+    logits, labels = random_logits(seed=1, classes=5, scale=6.0)
+    spec = metrics.spec(["roc_auc"], roc_bins=64)  # coarse bins: a visible error
+    sums = jax.device_get(stats(logits, labels, spec=spec))
+    auc, bound = metrics.roc_auc_from_histograms(sums["roc_pos"], sums["roc_neg"])
+    exact = reference(logits, labels)["roc_auc_per_class"]
+    assert np.all(np.abs(auc - exact) <= bound + 1e-12)
+    assert np.any(np.abs(auc - exact) > 0)  # the bound is not vacuous here...
+    fine = metrics.spec(["roc_auc"], roc_bins=16384)
+    fine_auc = metrics.compute(stats(logits, labels, spec=fine), fine)["roc_auc_per_class"]
+    assert np.max(np.abs(fine_auc - exact)) < np.max(np.abs(auc - exact))  # ...and shrinks
+
+
+def test_sums_over_uneven_padded_batches_give_the_same_numbers():
+    logits, labels = random_logits(n=250)
+    spec = metrics.spec(ALL)
+    whole = metrics.compute(stats(logits, labels, spec=spec), spec)
+    total = None
+    for lo, hi in [(0, 1), (1, 38), (38, 200), (200, 250)]:
+        # Each piece padded to 192 rows with garbage that the mask must drop.
+        pad = 192 - (hi - lo)
+        chunk_logits = np.concatenate([logits[lo:hi], np.full((pad, 7), 9.0, np.float32)])
+        chunk_labels = np.concatenate([labels[lo:hi], np.zeros(pad, np.int32)])
+        mask = np.arange(192) < hi - lo
+        sums = stats(chunk_logits, chunk_labels, mask, spec=spec)
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    split = metrics.compute(total, spec)
+    for key, value in whole.items():
+        if key == "loss":
+            assert split[key] == pytest.approx(value, rel=1e-6)  # a float sum
+        else:
+            np.testing.assert_array_equal(split[key], value)  # integer counts: exact
+
+
+def test_edge_cases_of_the_definitions():
+    # Class 2 never occurs and is never predicted: left out of the macro averages and
+    # undefined (NaN) for ROC AUC; ties with the label count inside the top k.
+    logits = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0]], np.float32)
+    labels = np.array([0, 1, 1], np.int32)
+    spec = metrics.spec(("precision", "recall", "roc_auc", "top_1"))
+    got = metrics.compute(stats(logits, labels, spec=spec), spec)
+    np.testing.assert_array_equal(got["recall_per_class"], [1.0, 0.5, 0.0])
+    assert got["recall"] == pytest.approx(0.75)  # mean over classes 0 and 1
+    assert np.isnan(got["roc_auc_per_class"][2])
+    assert got["top_1"] == 1.0  # row 3: the label ties with the largest logit
+    # Log-odds of very confident predictions keep their order (no 1 - p cancellation).
+    confident = jnp.array([[40.0, 0.0, 0.0], [30.0, 0.0, 0.0]])
+    odds = metrics.log_odds(confident)[:, 0]
+    np.testing.assert_allclose(odds, [40.0 - np.log(2.0), 30.0 - np.log(2.0)], rtol=1e-6)
+
+
+@functools.cache
+def _state():
+    model = fc.models.get("dense", num_classes=5, hidden=(8,))
+    tx = fc.optim.make("adam")
+    return fc.create_train_state(jax.random.key(1), model, tx, np.zeros((1, 6, 6, 1)))
+
+
+def test_evaluate_on_a_model_equals_the_metrics_of_its_logits():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (53, 6, 6, 1), dtype=np.uint8)
+    labels = rng.integers(0, 5, 53).astype(np.int32)
+    got = metrics.evaluate(_state(), images, labels, ALL, batch_size=16)  # 4 batches, padded
+    ref = reference(np.asarray(fc.predict(_state(), images)), labels)
+    assert got["count"] == 53
+    np.testing.assert_array_equal(got["confusion"], ref["confusion"])
+    assert got["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-15)
+    assert got["top_3"] == pytest.approx(ref["top_3"], abs=1e-15)
+    assert got["f1"] == pytest.approx(ref["macro"]["f1"], abs=1e-15)
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert set(got) == {
+        "count", "loss", "accuracy", "top_1", "top_3", "precision", "precision_per_class",
+        "recall", "recall_per_class", "f1", "f1_per_class", "roc_auc", "roc_auc_per_class",
+        "roc_auc_max_error", "confusion",
+    }
+    assert all(isinstance(got[k], float) for k in ("loss", "accuracy", "f1", "roc_auc"))
+
+
+def test_bad_names_and_labels_are_rejected():
+    with pytest.raises(ValueError, match="unknown metric 'top_0'"):
+        metrics.spec(["top_0"])
+    with pytest.raises(ValueError, match="unknown metric 'auc'.*'roc_auc'"):
+        metrics.spec("accuracy,auc")
+    with pytest.raises(ValueError, match=r"outside \[0, 5\), e.g. 9"):
+        metrics.evaluate(_state(), np.zeros((3, 6, 6, 1), np.uint8), np.array([0, 9, 1]))
+    assert metrics.spec("accuracy, top_5,top_5").names == ("accuracy", "top_5")
