@@ -8,6 +8,7 @@
 """
 
 from flaxconv import (
+    augment,
     callbacks,
     checkpoint,
     data,
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TrainState",
     "add_metrics",
+    "augment",
     "callbacks",
     "checkpoint",
     "create_population",

@@ -19,12 +19,16 @@ example counts exactly once.
 
 from __future__ import annotations
 
+import concurrent.futures
 import gzip
 import importlib.util
+import itertools
 import math
 import numbers
 import os
+import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -278,6 +282,446 @@ def stream(
     return iter(tfds.as_numpy(ds))
 
 
+# ----------------------------------------------------------------------------- image folders
+
+#: File suffixes :func:`image_folder` reads (Keras's list), matched case-insensitively.
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+#: ``color_mode`` -> number of channels.
+COLOR_MODES = {"grayscale": 1, "rgb": 3, "rgba": 4}
+#: ``interpolation`` names (those of ``tf.image.resize``, as in Keras).
+RESIZE_METHODS = (
+    "bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic"
+)
+_SUBSETS = ("training", "validation", "both")
+# Leading bytes of the formats tf.io.decode_image reads: a cheap check, while indexing, that
+# a file named like an image is one, so a stray file fails before training, by name.
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
+class ImageFolder:
+    """One subset of an image folder, as returned by :func:`image_folder`.
+
+    Two ways to train on it with :func:`flaxconv.fit`:
+
+    * ``fit(state, folder, steps_per_epoch=folder.steps_per_epoch, ...)``, the streaming
+      path: ``folder(epoch)`` runs a fresh tf.data pipeline that reads, decodes and resizes
+      files in parallel (``AUTOTUNE``) and prefetches batches while the accelerator runs
+      the previous step; only a few batches are in memory at a time.
+    * ``fit(state, folder.arrays(), ...)``, the device-resident path, for a folder that fits
+      in memory (:attr:`nbytes`): every image decoded once into one uint8 array.
+
+    Attributes:
+      directory: the folder's root (a ``Path``).
+      class_names: the sorted class subfolder names; label ``i`` means ``class_names[i]``.
+      file_paths: this subset's image files (``str``): sorted by class, then path, then
+        (with ``shuffle``) permuted by ``seed`` before a validation split, as Keras does.
+      labels: int32 ``[num_examples]``, the class of each file.
+      image_shape: ``(height, width, channels)`` of every image yielded.
+      batch_size, shuffle, seed, interpolation: as given to :func:`image_folder`.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        class_names: tuple[str, ...],
+        file_paths: tuple[str, ...],
+        labels: np.ndarray,
+        image_shape: tuple[int, int, int],
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        interpolation: str,
+    ):
+        self.directory = directory
+        self.class_names = class_names
+        self.file_paths = file_paths
+        self.labels = labels
+        self.image_shape = image_shape
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.interpolation = interpolation
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def num_examples(self) -> int:
+        """Number of images in this subset."""
+        return len(self.file_paths)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch, the last one padded."""
+        return -(-self.num_examples // self.batch_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of :meth:`arrays`'s images: ``num_examples * height * width * channels``."""
+        return self.num_examples * math.prod(self.image_shape)
+
+    def __repr__(self) -> str:
+        h, w, c = self.image_shape
+        return (
+            f"ImageFolder({str(self.directory)!r}: {self.num_examples} images, "
+            f"{len(self.class_names)} classes, {h}x{w}x{c} uint8, batch_size={self.batch_size})"
+        )
+
+    def order(self, epoch: int = 0) -> np.ndarray:
+        """Indices into :attr:`file_paths` in the order epoch ``epoch`` visits them:
+        ``np.random.default_rng([seed, epoch]).permutation(N)`` with shuffle (reproducible,
+        different per epoch), else ``arange(N)``."""
+        _check_non_negative_int("epoch", epoch)
+        n = self.num_examples
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def tf_dataset(self, epoch: int = 0):
+        """Epoch ``epoch`` as a ``tf.data.Dataset`` of the batch dicts of :meth:`__call__`
+        (tensors): parallel read, decode and resize (``num_parallel_calls=AUTOTUNE``, in
+        order), fixed-size padded batches, ``prefetch(AUTOTUNE)``."""
+        return self._dataset(self.order(epoch), self.batch_size)
+
+    def __call__(self, epoch: int = 0) -> Iterator[Batch]:
+        """One epoch of numpy batches, read from disk while they are consumed.
+
+        Yields:
+          ``{"image": uint8 [batch_size, H, W, C], "label": int32 [batch_size],
+          "mask": bool [batch_size]}``, like :func:`batches`: the last batch is padded with
+          zero images and ``mask == False``. Examples come in :meth:`order` ``(epoch)``.
+
+        Raises:
+          ValueError: naming the file, when its batch is reached, if an image cannot be
+            decoded (e.g. a truncated file).
+        """
+        order = self.order(epoch)
+        return self._iterate(self._dataset(order, self.batch_size), order, self.batch_size)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The whole subset in memory, in :attr:`file_paths` order; decoded once, cached.
+
+        Returns:
+          ``(images uint8 [N, H, W, C], labels int32 [N])``, read-only numpy arrays;
+          ``images`` takes :attr:`nbytes` bytes.
+
+        Raises:
+          ValueError: naming the file, if an image cannot be decoded.
+        """
+        if self._arrays is None:
+            order, chunk = np.arange(self.num_examples), 256
+            batches = self._iterate(self._dataset(order, chunk), order, chunk)
+            parts = [b["image"][b["mask"]] for b in batches]
+            images = np.concatenate(parts)
+            labels = self.labels.copy()
+            images.flags.writeable = labels.flags.writeable = False
+            self._arrays = (images, labels)
+        return self._arrays
+
+    def _dataset(self, order: np.ndarray, batch_size: int):
+        tf = _import_tf()
+
+        paths = np.asarray(self.file_paths, dtype=str)[order]
+        ds = tf.data.Dataset.from_tensor_slices({"path": paths, "label": self.labels[order]})
+        shape, interpolation = self.image_shape, self.interpolation
+
+        def load(example):
+            return {"image": _load_image(example["path"], shape, interpolation),
+                    "label": example["label"]}
+
+        ds = ds.map(
+            load,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,  # keeps the epoch's order, and lets an error name its batch
+        )
+        ds = ds.batch(batch_size).map(lambda b: _pad_tf_batch(b, batch_size))
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def _iterate(self, ds, order: np.ndarray, batch_size: int) -> Iterator[Batch]:
+        import tensorflow as tf
+
+        iterator = ds.as_numpy_iterator()
+        for step in itertools.count():
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except tf.errors.OpError as err:
+                batch_files = [self.file_paths[i] for i in order[step * batch_size :][:batch_size]]
+                raise _decode_error(batch_files, err) from None
+            yield batch
+
+
+def image_folder(
+    directory: str | os.PathLike,
+    image_size: tuple[int, int] = (256, 256),
+    color_mode: str = "rgb",
+    batch_size: int = 32,
+    shuffle: bool = True,
+    seed: int | None = None,
+    validation_split: float | None = None,
+    subset: str | None = None,
+    label_mode: str = "int",
+    interpolation: str = "bilinear",
+) -> ImageFolder | tuple[ImageFolder, ImageFolder]:
+    """Keras's ``image_dataset_from_directory`` for :func:`flaxconv.fit`.
+
+    ``directory/<class name>/**/<image>``: one subfolder per class (hidden ones, starting
+    with ".", are ignored), labels from the sorted subfolder names, every JPEG, PNG, BMP or
+    GIF file (first frame) below them, resized to ``image_size``.
+
+    Why this shape: the result is an :class:`ImageFolder`, which is both a callable
+    ``epoch -> iterator of numpy batches`` (fit's streaming path, for data that does not
+    fit in memory) and has :meth:`ImageFolder.arrays` (fit's device-resident path, for data
+    that does). The pipeline is plain tf.data rather than tfds's ``ImageFolder`` builder,
+    which needs a split level (``root/<split>/<class>/``), neither resizes nor splits off a
+    validation subset, and whose decode errors do not name the file. Images stay uint8
+    (resized ones are rounded back to uint8, at most 0.5/255 off Keras's float32 output):
+    a quarter of the bytes to move, and the train step scales them to [0, 1] on device.
+
+    Args:
+      directory: the folder.
+      image_size: ``(height, width)`` of the output; other sizes are resized with
+        ``interpolation`` (no crop, so the aspect ratio may change, as in Keras).
+      color_mode: "grayscale" (1 channel), "rgb" (3) or "rgba" (4); images are converted
+        (RGB to gray by luminance, gray replicated, alpha 255 added or dropped).
+      batch_size: rows per batch.
+      shuffle: visit the images in a new order each epoch (see :meth:`ImageFolder.order`),
+        and permute the file list by ``seed`` before a validation split (as Keras).
+      seed: non-negative int; ``None`` draws one (kept in ``.seed``). Required with
+        ``validation_split`` and ``shuffle``, so both subsets come from the same permutation.
+      validation_split: fraction in (0, 1) held out for validation: the last
+        ``int(validation_split * N)`` files of the (permuted) list. For a seed, the same
+        files Keras picks (``np.random.RandomState(seed)``, Keras's file order).
+      subset: with ``validation_split``: "training", "validation" or "both" (a pair).
+      label_mode: "int" (int32 class ids; the only one: the loss takes integer labels).
+      interpolation: a ``tf.image.resize`` method, e.g. "bilinear" or "nearest".
+
+    Returns:
+      An :class:`ImageFolder`, or ``(training, validation)`` for ``subset="both"``.
+
+    Raises:
+      FileNotFoundError: ``directory`` does not exist.
+      ValueError: bad arguments; a folder without class subfolders or without images; files
+        named like images that are not JPEG/PNG/BMP/GIF or cannot be read (all named).
+      Files that are not images (by suffix) are skipped with a warning naming them.
+    """
+    if label_mode != "int":
+        raise ValueError(
+            f"label_mode={label_mode!r}; expected 'int' (the loss takes integer class ids, "
+            "so one-hot 'categorical' or 'binary' labels are not needed)"
+        )
+    if color_mode not in COLOR_MODES:
+        raise ValueError(f"color_mode={color_mode!r}; expected one of {list(COLOR_MODES)}")
+    if not (
+        isinstance(image_size, tuple | list)
+        and len(image_size) == 2
+        and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0
+                for s in image_size)
+    ):
+        raise ValueError(f"image_size={image_size!r}; expected (height, width), positive ints")
+    if interpolation not in RESIZE_METHODS:
+        raise ValueError(f"interpolation={interpolation!r}; expected one of {list(RESIZE_METHODS)}")
+    _check_positive_int("batch_size", batch_size)
+    if seed is not None:
+        _check_non_negative_int("seed", seed)
+    if validation_split:
+        if not 0.0 < validation_split < 1.0:
+            raise ValueError(
+                f"validation_split={validation_split!r}; expected a fraction in (0, 1)"
+            )
+        if subset not in _SUBSETS:
+            raise ValueError(
+                f"subset={subset!r}; with a validation_split expected one of {list(_SUBSETS)}"
+            )
+        if shuffle and seed is None:
+            raise ValueError(
+                "validation_split with shuffle=True needs a seed, so that the training and "
+                "validation subsets come from the same permutation and do not overlap"
+            )
+    elif subset is not None:
+        raise ValueError(f"subset={subset!r} needs a validation_split in (0, 1)")
+    if seed is None:
+        seed = int(np.random.default_rng().integers(2**31))
+
+    root = Path(directory)
+    class_names, files, labels = _index_folder(root)
+    if shuffle:
+        # Keras's index_directory permutes the file list with RandomState(seed).shuffle;
+        # permutation() draws the same permutation, so a seed splits like Keras.
+        order = np.random.RandomState(seed).permutation(len(files))
+        files, labels = [files[i] for i in order], labels[order]
+
+    def subset_of(lo: int, hi: int) -> ImageFolder:
+        return ImageFolder(
+            root, class_names, tuple(files[lo:hi]), labels[lo:hi],
+            (int(image_size[0]), int(image_size[1]), COLOR_MODES[color_mode]),
+            batch_size=batch_size, shuffle=shuffle, seed=seed, interpolation=interpolation,
+        )
+
+    n = len(files)
+    if not validation_split:
+        return subset_of(0, n)
+    num_val = int(validation_split * n)
+    if not 0 < num_val < n:
+        raise ValueError(
+            f"validation_split={validation_split} of {n} images leaves {num_val} for "
+            "validation; expected at least one image in each subset"
+        )
+    training, validation = subset_of(0, n - num_val), subset_of(n - num_val, n)
+    return {"training": training, "validation": validation, "both": (training, validation)}[
+        subset
+    ]
+
+
+def write_image_folder(
+    directory: str | os.PathLike,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: tuple[str, ...] | list[str],
+) -> Path:
+    """Writes ``images`` as ``directory/<class_names[label]>/<n>.png`` (lossless PNG).
+
+    ``<n>`` is the 1-based position in ``images``, zero-padded (at least 5 digits) so the
+    sorted file names keep the input order. Every class gets its subfolder, even an empty
+    one. The folder is written under a temporary name and renamed at the end, so an
+    interrupted call leaves no partial folder behind.
+
+    Args:
+      directory: the folder to create; it must not exist.
+      images: uint8 ``[N, H, W, C]`` with C in (1, 3, 4).
+      labels: int ``[N]`` in ``[0, len(class_names))``.
+      class_names: the subfolder name of each label.
+
+    Returns:
+      ``Path(directory)``.
+
+    Raises:
+      FileExistsError: ``directory`` exists. ValueError: bad shapes, dtypes or labels.
+    """
+    from PIL import Image  # Pillow comes with matplotlib
+
+    directory = Path(directory)
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"images are {images.dtype}{list(images.shape)}; expected uint8 [N, H, W, C], "
+            "C in (1, 3, 4)"
+        )
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels are {labels.dtype}{list(labels.shape)}; expected int [{len(images)}]"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+        raise ValueError(
+            f"labels span [{labels.min()}, {labels.max()}]; expected [0, {len(class_names)}) "
+            f"for {len(class_names)} class names"
+        )
+    if directory.exists():
+        raise FileExistsError(f"{directory} exists; expected a new folder to write images into")
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in class_names:
+        (tmp / name).mkdir(parents=True)
+    width = max(5, len(str(len(images))))
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        pixels = image[..., 0] if image.shape[-1] == 1 else image
+        Image.fromarray(pixels).save(tmp / class_names[label] / f"{i + 1:0{width}d}.png")
+    os.replace(tmp, directory)
+    return directory
+
+
+# ----------------------------------------------------------------------------- Sign Language MNIST
+
+#: The 24 letters of Sign Language MNIST (J and Z need motion and have no images); label
+#: ``i`` of :func:`load_sign_language_mnist` is ``SIGN_LANGUAGE_CLASSES[i]``.
+SIGN_LANGUAGE_CLASSES = tuple("ABCDEFGHIKLMNOPQRSTUVWXY")
+_SIGN_LANGUAGE_DIR = "sign_language_mnist"
+_SIGN_LANGUAGE_SPLITS = {  # split: (CSV file stem, image-folder subfolder)
+    "train": ("sign_mnist_train", "Train"),
+    "test": ("sign_mnist_test", "Test"),
+}
+
+
+def load_sign_language_mnist(
+    split: str, root: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sign Language MNIST from its Kaggle CSV, with numpy only.
+
+    Reads ``<root>/sign_language_mnist/sign_mnist_<split>.csv.gz`` (or ``.csv``); ``root``
+    defaults to ``$FLAXCONV_DATA_DIR``. Each row is a label (the letter's alphabet index,
+    A=0 ... Y=24, never 9=J or 25=Z) and 784 pixels.
+
+    Args:
+      split: "train" (27,455 images) or "test" (7,172).
+      root: folder holding ``sign_language_mnist/``.
+
+    Returns:
+      ``(images uint8 [N, 28, 28, 1], labels int32 [N])`` in file order; labels are
+      remapped to 0..23 by ``l - (l > 9)``, so label ``i`` is ``SIGN_LANGUAGE_CLASSES[i]``.
+
+    Raises:
+      DatasetUnavailableError: the file is not there. ValueError: a bad split or a
+      malformed file (naming it and the bad value).
+    """
+    if split not in _SIGN_LANGUAGE_SPLITS:
+        raise ValueError(f"split={split!r}; expected one of {list(_SIGN_LANGUAGE_SPLITS)}")
+    base = Path(root).expanduser() if root is not None else _env_dir()
+    if base is None:
+        raise _unavailable(_SIGN_LANGUAGE_DIR, f"{DATA_DIR_ENV} is not set")
+    stem = _SIGN_LANGUAGE_SPLITS[split][0]
+    candidates = [base / _SIGN_LANGUAGE_DIR / f"{stem}.csv{suffix}" for suffix in (".gz", "")]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise _unavailable(
+            _SIGN_LANGUAGE_DIR, f"neither {candidates[0]} nor {candidates[1]} exists"
+        )
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    with (gzip.open if gzipped else open)(path, "rt") as f:
+        header = f.readline().strip()
+        if not header.startswith("label,pixel1,"):
+            raise ValueError(f"{path}: header {header[:40]!r}...; expected 'label,pixel1,...'")
+        rows = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+    if rows.shape[1] != 1 + 28 * 28:
+        raise ValueError(f"{path}: rows of {rows.shape[1]} values; expected a label and 784 pixels")
+    raw, pixels = rows[:, 0], rows[:, 1:]
+    bad = (raw < 0) | (raw > 24) | (raw == 9)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{path}: data row {row + 1} has label {raw[row]}; expected 0..24 without 9 (J)"
+        )
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise ValueError(
+            f"{path}: pixel values span [{pixels.min()}, {pixels.max()}]; expected 0..255"
+        )
+    images = pixels.astype(np.uint8).reshape(-1, 28, 28, 1)
+    return images, (raw - (raw > 9)).astype(np.int32)
+
+
+def sign_language_folder(
+    directory: str | os.PathLike, root: str | os.PathLike | None = None
+) -> Path:
+    """Sign Language MNIST as an image folder, the layout the seed notebook reads.
+
+    Writes ``<directory>/Train/<letter>/<n>.png`` and ``<directory>/Test/<letter>/<n>.png``
+    from :func:`load_sign_language_mnist`, where ``<n>`` is the zero-padded 1-based CSV row
+    and ``<letter>`` one of :data:`SIGN_LANGUAGE_CLASSES`. A split already written is kept
+    (each is written under a temporary name and renamed), so calling it again is cheap.
+
+    Returns:
+      ``Path(directory)``; read it with ``image_folder(directory / "Train",
+      image_size=(28, 28), color_mode="grayscale", ...)``.
+    """
+    directory = Path(directory)
+    for split, (_, folder) in _SIGN_LANGUAGE_SPLITS.items():
+        if not (directory / folder).is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            images, labels = load_sign_language_mnist(split, root)
+            write_image_folder(directory / folder, images, labels, SIGN_LANGUAGE_CLASSES)
+    return directory
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -321,6 +765,142 @@ def _pad_tf_batch(batch, batch_size: int):
         "mask": tf.sequence_mask(k, batch_size),
     }
 
+
+def _index_folder(root: Path) -> tuple[tuple[str, ...], list[str], np.ndarray]:
+    """Class names, image files and labels of an image folder, in Keras's order."""
+    if not root.exists():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} is a file; expected a folder of class subfolders")
+    class_names = tuple(
+        sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    )
+    if not class_names:
+        loose = sum(1 for p in root.iterdir() if p.is_file())
+        raise ValueError(
+            f"image folder {root} has no class subfolders ({loose} files directly in it); "
+            f"expected {root}/<class name>/<image files>, one subfolder per class"
+        )
+    files, labels, others = [], [], []
+    for label, name in enumerate(class_names):
+        for dirpath, _, filenames in sorted(os.walk(root / name), key=lambda walk: walk[0]):
+            for filename in sorted(filenames):
+                path = os.path.join(dirpath, filename)
+                if filename.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(path)
+                    labels.append(label)
+                elif not filename.startswith("."):
+                    others.append(path)
+    if others:
+        warnings.warn(
+            f"image folder {root}: skipped {len(others)} file(s) without an image suffix "
+            f"{IMAGE_EXTENSIONS}: {_some(others)}",
+            stacklevel=3,
+        )
+    if not files:
+        raise ValueError(
+            f"image folder {root} has no images in its {len(class_names)} class subfolder(s) "
+            f"{_some(list(class_names))}; expected files ending in {IMAGE_EXTENSIONS}"
+        )
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # I/O bound: one small read each
+        problems = list(pool.map(_image_problem, files))
+    bad = [f"{path} ({problem})" for path, problem in zip(files, problems, strict=True) if problem]
+    if bad:
+        raise ValueError(
+            f"image folder {root}: {len(bad)} file(s) named like images are not readable "
+            f"JPEG, PNG, BMP or GIF images: {_some(bad)}"
+        )
+    return class_names, files, np.asarray(labels, np.int32)
+
+
+def _image_problem(path: str) -> str | None:
+    """Why ``path`` is not a readable image (by its first bytes), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        return f"cannot be read: {err.strerror}"
+    if not head:
+        return "empty file"
+    if not head.startswith(_IMAGE_SIGNATURES):
+        return f"starts with {head!r}, not a JPEG, PNG, BMP or GIF signature"
+    return None
+
+
+def _some(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _import_tf():
+    """TensorFlow for input pipelines only: accelerators hidden from it (as in Flax's
+    examples), so it never takes memory that JAX needs."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow already initialized its devices; leave them
+        pass
+    return tf
+
+
+def _load_image(path, shape: tuple[int, int, int], interpolation: str):
+    """tf: read and decode one image file to uint8 ``shape`` (channels converted, resized)."""
+    import tensorflow as tf
+
+    height, width, channels = shape
+    image = tf.io.decode_image(tf.io.read_file(path), channels=0, expand_animations=False)
+    image = _to_channels(image, channels)
+    same_size = tf.logical_and(tf.shape(image)[0] == height, tf.shape(image)[1] == width)
+
+    def resize():
+        resized = tf.image.resize(image, (height, width), method=interpolation)
+        return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+    image = tf.cond(same_size, lambda: image, resize)
+    return tf.ensure_shape(image, shape)
+
+
+def _to_channels(image, channels: int):
+    """tf: uint8 ``[H, W, c]`` with c in 1..4 (gray, gray+alpha, RGB, RGBA) -> ``channels``.
+
+    tf.io.decode_image cannot convert GIF or BMP to grayscale itself, so decode at the
+    native channel count and convert here.
+    """
+    import tensorflow as tf
+
+    c = tf.shape(image)[-1]
+    if channels == 1:
+        return tf.cond(
+            c >= 3, lambda: tf.image.rgb_to_grayscale(image[..., :3]), lambda: image[..., :1]
+        )
+    rgb = tf.cond(c >= 3, lambda: image[..., :3], lambda: tf.repeat(image[..., :1], 3, axis=-1))
+    if channels == 3:
+        return rgb
+    alpha = tf.cond(
+        c % 2 == 0,  # gray+alpha or RGBA
+        lambda: image[..., -1:],
+        lambda: tf.fill(tf.shape(image[..., :1]), tf.constant(255, tf.uint8)),
+    )
+    return tf.concat([rgb, alpha], axis=-1)
+
+
+def _decode_error(files: list[str], err: Exception) -> ValueError:
+    """The error for a batch that failed to load: names the files that fail on their own."""
+    import tensorflow as tf
+
+    bad = []
+    for path in files:
+        try:
+            tf.io.decode_image(tf.io.read_file(path), channels=0, expand_animations=False)
+        except tf.errors.OpError as file_err:
+            bad.append(f"{path} ({_one_line(file_err.message, 120)})")
+    if bad:
+        return ValueError(f"cannot decode image file(s) {_some(bad)}; expected valid JPEG, PNG, "
+                          "BMP or GIF images")
+    return ValueError(
+        f"reading the batch of {files[0]} ... {files[-1]} failed: {_one_line(str(err))}"
+    )
 
 def _check_positive_int(what: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:

@@ -9,7 +9,6 @@ errors a user can cause into one readable line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import flaxconv as fc
 from flaxconv import data, parallel, viz
 from flaxconv import metrics as metrics_lib
-from flaxconv.fit import IncompatibleWorkdirError, NonFiniteLossError, fit
+from flaxconv.fit import IncompatibleWorkdirError, NonFiniteLossError, fit, write_json
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -149,10 +148,9 @@ def train_and_evaluate(
             f"test_{k}: {v:.4f}" for k, v in test.items() if k != "count" and np.ndim(v) == 0
         )
         print(f"{numbers} ({len(test_labels)} test images)", flush=True)
-    _write_json(os.path.join(config.workdir, "results.json"), results)
-    if history:
-        viz.plot_history(history, os.path.join(config.workdir, "curves.png"))
-    if config.get("feature_maps", 0) > 0 and viz.map_layers(state):
+    write_json(os.path.join(config.workdir, "results.json"), results)
+    is_writer = jax.process_index() == 0
+    if is_writer and config.get("feature_maps", 0) > 0 and viz.map_layers(state):
         images = test_images[: config.feature_maps]
         viz.feature_maps(state, images, os.path.join(config.workdir, "feature_maps.png"))
         viz.filters(state, os.path.join(config.workdir, "filters.png"))
@@ -163,13 +161,6 @@ def train_and_evaluate(
 RESUMABLE_CHANGES = ("epochs", "verbose", "workdir", "metrics", "feature_maps")
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def parse_flags(
     config: ml_collections.ConfigDict, argv: list[str] | None, description: str
 ) -> ml_collections.ConfigDict:
@@ -177,6 +168,9 @@ def parse_flags(
     parser = argparse.ArgumentParser(description=description)
     for key, value in config.items():
         flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):  # type=bool would read "--flag False" as True
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+            continue
         kind = type(value) if value is not None else str
         parser.add_argument(flag, type=kind, default=value, help=f"default: {value}")
     args = parser.parse_args(argv)

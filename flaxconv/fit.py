@@ -191,25 +191,32 @@ def _train_epoch_stream(state, batches: Iterable[dict], progress, classes: int):
     return state, sums
 
 
-def _replace_file(path: str, write: Callable[[str], Any]) -> None:
-    """Writes ``path`` through a temporary file, so a kill never leaves half a file."""
+def replace_file(path: str, write: Callable[[str], Any]) -> None:
+    """Writes ``path`` through a temporary file, so a kill never leaves half a file.
+
+    Only process 0 writes: in a multi-host run every process holds the same numbers.
+    """
+    if jax.process_index() != 0:
+        return
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{ext}"
     write(tmp)
     os.replace(tmp, path)
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, atomically (see :func:`replace_file`)."""
+
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
 
-    _replace_file(path, write)
+    replace_file(path, write)
 
 
 def _write_history(workdir: str, history: History) -> None:
     """``history.json`` and ``history.csv`` (a row per epoch)."""
-    _write_json(os.path.join(workdir, "history.json"), history)
+    write_json(os.path.join(workdir, "history.json"), history)
 
     def write_csv(tmp):
         keys = list(history)
@@ -219,14 +226,14 @@ def _write_history(workdir: str, history: History) -> None:
             rows = zip(*history.values(), strict=True)  # _append keeps them aligned
             writer.writerows([i + 1, *row] for i, row in enumerate(rows))
 
-    _replace_file(os.path.join(workdir, "history.csv"), write_csv)
+    replace_file(os.path.join(workdir, "history.csv"), write_csv)
 
 
 def _write_curves(workdir: str, history: History) -> None:
     """``curves.png``: loss and accuracy per epoch, train vs validation."""
     from flaxconv import viz  # matplotlib is imported only here
 
-    _replace_file(os.path.join(workdir, "curves.png"), lambda t: viz.plot_history(history, t))
+    replace_file(os.path.join(workdir, "curves.png"), lambda t: viz.plot_history(history, t))
 
 
 def _append(history: History, logs: dict[str, float]) -> None:
@@ -264,7 +271,7 @@ def _check_config(workdir: str, config: dict[str, Any]) -> None:
                 f"use another workdir or delete this one"
             )
         return
-    _write_json(path, config)
+    write_json(path, config)
 
 
 def run_config(state: TrainState, config: dict[str, Any] | None) -> dict[str, Any]:
