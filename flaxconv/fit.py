@@ -36,7 +36,7 @@ import numpy as np
 
 from flaxconv import epochs as ep
 from flaxconv import metrics as metrics_lib
-from flaxconv import parallel
+from flaxconv import optim, parallel
 from flaxconv.callbacks import Callback
 from flaxconv.checkpoint import Checkpoints
 from flaxconv.metrics import check_labels, num_classes
@@ -477,7 +477,8 @@ def fit(
 
 
 def _current_lr(state: TrainState) -> float:
-    hyperparams = getattr(state.opt_state, "hyperparams", None)
-    if not hyperparams or "learning_rate" not in hyperparams:
+    """The injected learning rate (NaN for an optimizer without one, e.g. plain optax)."""
+    try:
+        return float(optim.learning_rate(state.opt_state))
+    except ValueError:
         return math.nan
-    return float(hyperparams["learning_rate"])

@@ -120,19 +120,13 @@ def set_learning_rates(states: TrainState, learning_rates: Any) -> TrainState:
         raise ValueError(f"got {lrs.size} learning rates for {k} members; expected {k}")
     if not np.all(np.isfinite(lrs)) or np.any(lrs < 0):
         raise ValueError(f"learning_rates={lrs.tolist()}; expected finite numbers >= 0")
-    hyperparams = getattr(states.opt_state, "hyperparams", None)
-    if not isinstance(hyperparams, dict) or "learning_rate" not in hyperparams:
-        raise ValueError(
-            "per-member learning rates need the learning rate injected into the optimizer "
-            "state (opt_state.hyperparams['learning_rate']); build tx with "
-            "flaxconv.optim.make or optax.inject_hyperparams"
-        )
-    if "learning_rate" in getattr(states.opt_state, "hyperparams_states", {}):
+    current = optim.learning_rate(states.opt_state)  # a clear ValueError if not injected
+    schedules = optax.tree_utils.tree_get(states.opt_state, "hyperparams_states") or {}
+    if "learning_rate" in schedules:
         raise ValueError(
             "the optimizer's learning rate is a schedule, which recomputes it every step; "
             "per-member learning rates need a constant learning_rate in optim.make"
         )
-    current = hyperparams["learning_rate"]
     value = np.asarray(lrs, current.dtype)
     if isinstance(current, jax.Array):  # not for the abstract states create_population checks
         value = jax.device_put(value, current.sharding)
