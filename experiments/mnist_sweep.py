@@ -31,6 +31,7 @@ import flaxconv as fc
 from flaxconv import data
 from flaxconv import population as pop
 from flaxconv.epochs import epoch_plan
+from flaxconv.experiment import report_errors
 from flaxconv.fit import data_order_key
 from flaxconv.steps import summarize
 
@@ -249,20 +250,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return results
 
 
-# Errors a user can cause; anything else is a bug and keeps its traceback.
-USER_ERRORS = (data.DatasetUnavailableError, ValueError, TypeError, FileNotFoundError)
-
-
 def main(argv: list[str] | None = None) -> int:
     config = parse_flags(argv)
-    try:
-        train_and_evaluate(config)
-    except USER_ERRORS as error:
-        if os.environ.get("FLAXCONV_DEBUG"):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return report_errors(lambda: train_and_evaluate(config))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -197,11 +198,16 @@ def cli(
     argv: list[str] | None = None,
     run=train_and_evaluate,
 ) -> int:
-    """Parses flags over ``config``, runs ``run(config)``, and reports a user error as one
-    line on stderr with exit status 1 (no traceback; set FLAXCONV_DEBUG=1 for one)."""
+    """Parses flags over ``config`` and runs ``run(config)`` through :func:`report_errors`."""
     config = parse_flags(config, argv, description)
+    return report_errors(lambda: run(config))
+
+
+def report_errors(run: Callable[[], Any]) -> int:
+    """Runs ``run()``; returns the exit status: 0, or 1 after printing a user error as one
+    line on stderr (no traceback; set FLAXCONV_DEBUG=1 for one), 130 on Ctrl-C."""
     try:
-        run(config)
+        run()
     except USER_ERRORS as error:
         if os.environ.get("FLAXCONV_DEBUG"):
             raise
