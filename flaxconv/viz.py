@@ -134,6 +134,7 @@ def plot_history(history: dict[str, list[float]], path: str | os.PathLike) -> st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
@@ -142,6 +143,7 @@ def plot_history(history: dict[str, list[float]], path: str | os.PathLike) -> st
             if values:
                 ax.plot(np.arange(1, len(values) + 1), values, marker="o", label=label)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend()
