@@ -125,22 +125,8 @@ def transfer_plan(
     """
     include = (include,) if isinstance(include, str) else tuple(include)
     optim.layer_mask(target.params, include, "include")  # every pattern must match
-    wanted = flat_variables(target)
-    masks = {
-        collection: traverse_util.flatten_dict(
-            optim.layer_mask(getattr(target, collection), include, strict=False)
-        )
-        for collection in ("params", "batch_stats")
-    }
-    selected = [p for p in wanted if masks[p[0]].get(p[1:], False)]
-    flat = flat_variables(source)
-    source_masks = {
-        collection: traverse_util.flatten_dict(
-            optim.layer_mask(_collection(source, collection), include, strict=False)
-        )
-        for collection in ("params", "batch_stats")
-    }
-    source_selected = [p for p in flat if source_masks[p[0]].get(p[1:], False)]
+    wanted, selected = _included(target, include)
+    flat, source_selected = _included(source, include)
 
     problems = []
     missing = ["/".join(p) for p in selected if p not in flat]
@@ -163,6 +149,18 @@ def transfer_plan(
             + "; choose the layers to copy with include"
         )
     return selected
+
+
+def _included(tree: TrainState | Any, include: tuple[str, ...]):
+    """``(flat_variables(tree), the paths of it that the layer patterns include)``."""
+    flat = flat_variables(tree)
+    masks = {
+        collection: traverse_util.flatten_dict(
+            optim.layer_mask(_collection(tree, collection), include, strict=False)
+        )
+        for collection in ("params", "batch_stats")
+    }
+    return flat, [p for p in flat if masks[p[0]].get(p[1:], False)]
 
 
 def _collection(tree: TrainState | Any, collection: str) -> Any:

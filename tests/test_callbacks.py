@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from tiny_data import pixel_dataset
 
 import flaxconv as fc
 from flaxconv.callbacks import (
@@ -28,11 +29,7 @@ TX = fc.optim.make("adam", learning_rate=1e-2)  # one object: jitted epochs comp
 
 
 def dataset(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, CLASSES, n).astype(np.int32)
-    images = rng.integers(0, 100, (n, 8, 8, 1)).astype(np.uint8)
-    images[np.arange(n), 2 * labels, 2 * labels, 0] = 255
-    return images, labels
+    return pixel_dataset(n, CLASSES, seed)
 
 
 @functools.cache

@@ -11,6 +11,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from tiny_data import pixel_dataset
 
 import flaxconv as fc
 from flaxconv import data
@@ -30,12 +31,7 @@ needs_mnist = pytest.mark.skipif(
 
 
 def dataset(n=96, seed=0):
-    """8x8 uint8 images whose class shows as one bright pixel in noise: learnable, tiny."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, CLASSES, n).astype(np.int32)
-    images = rng.integers(0, 100, (n, 8, 8, 1)).astype(np.uint8)
-    images[np.arange(n), 2 * labels, 2 * labels, 0] = 255
-    return images, labels
+    return pixel_dataset(n, CLASSES, seed)
 
 
 @functools.cache
