@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flaxconv import optim
+from flaxconv import optim, parallel
 from flaxconv.epochs import EpochPlan, epoch_plan, evaluate_fn, gather_batch, train_epoch_fn
 from flaxconv.state import TrainState, create_train_state
 from flaxconv.steps import Batch, Metrics, check_batch, loss_fn, predict_fn, summarize
@@ -521,10 +521,7 @@ per_example_grads = jax.jit(per_example_grads_fn)
 
 def population_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D :class:`~jax.sharding.Mesh` over ``devices`` (all by default), axis ``"members"``."""
-    devices = list(jax.devices() if devices is None else devices)
-    if not devices:
-        raise ValueError("population_mesh got no devices")
-    return Mesh(np.asarray(devices), (MEMBERS,))
+    return parallel.data_mesh(devices, axis=MEMBERS)
 
 
 def shard_population(states: TrainState, mesh: Mesh | None = None) -> TrainState:
@@ -557,8 +554,7 @@ def shard_population(states: TrainState, mesh: Mesh | None = None) -> TrainState
 
 def replicate(tree: Any, mesh: Mesh | None = None) -> Any:
     """``tree`` copied whole onto every device of ``mesh`` (the shared data of a population)."""
-    mesh = population_mesh() if mesh is None else mesh
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    return parallel.replicate(tree, population_mesh() if mesh is None else mesh)
 
 
 __all__ = [
