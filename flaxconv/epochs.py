@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxconv.models.layers import tuned_jit
 from flaxconv.state import TrainState
 from flaxconv.steps import Metrics, eval_step_fn, train_step_fn
 
@@ -107,9 +108,9 @@ def evaluate_fn(
 
 
 #: Jitted :func:`train_epoch_fn` that donates the incoming state (the library's loops).
-train_epoch = jax.jit(train_epoch_fn, donate_argnums=0)
+train_epoch = tuned_jit(train_epoch_fn, donate_argnums=0)
 #: Jitted :func:`evaluate_fn`.
-evaluate_arrays = jax.jit(evaluate_fn)
+evaluate_arrays = tuned_jit(evaluate_fn)
 
 
 def evaluate(

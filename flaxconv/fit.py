@@ -40,6 +40,7 @@ from flaxconv import optim, parallel
 from flaxconv.callbacks import Callback
 from flaxconv.checkpoint import Checkpoints
 from flaxconv.metrics import check_labels, num_classes
+from flaxconv.models.layers import tuned_jit
 from flaxconv.state import TrainState
 from flaxconv.steps import train_step_fn
 
@@ -49,7 +50,7 @@ ArrayData = tuple[Any, Any]
 # Data-order keys live in their own fold_in domain, apart from the per-step keys.
 _DATA_ORDER_DOMAIN = 0x7FFFFFFF
 
-_train_step_donated = jax.jit(train_step_fn, donate_argnums=0)
+_train_step_donated = tuned_jit(train_step_fn, donate_argnums=0)
 
 __all__ = [
     "History",

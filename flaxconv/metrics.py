@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from flaxconv import epochs as ep
+from flaxconv.models.layers import tuned_jit
 from flaxconv.state import TrainState
 from flaxconv.steps import predict_fn
 
@@ -256,7 +257,7 @@ def compute(sums: dict[str, Any], spec: Spec) -> dict[str, Any]:
     return out
 
 
-@partial(jax.jit, static_argnames="spec")
+@partial(tuned_jit, static_argnames="spec")
 def _evaluate_arrays(state, images, labels, indices, mask, spec):
     def body(total, xs):
         idx, m = xs

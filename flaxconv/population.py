@@ -44,6 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxconv import optim, parallel
 from flaxconv.epochs import EpochPlan, epoch_plan, evaluate_fn, gather_batch, train_epoch_fn
+from flaxconv.models.layers import resolve_conv_impl, tuned_jit
 from flaxconv.state import TrainState, create_train_state
 from flaxconv.steps import Batch, Metrics, check_batch, loss_fn, predict_fn, summarize
 
@@ -139,6 +140,34 @@ def _init_population(keys, model, tx, input_shape):
     # second population of the same model, optimizer and size reuses the compilation.
     spec = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     return jax.vmap(lambda key: create_train_state(key, model, tx, spec))(keys)
+
+
+# Members vmapped together per backend, from benchmarks/population_speed.py: on CPU a
+# vmapped member runs slower than an unbatched one (batched matmuls, no Eigen
+# convolutions), so members there take turns inside the one compiled epoch; elsewhere all
+# of them are vmapped.
+_AUTO_VMAP_SIZE = {"cpu": 1}
+
+
+def resolve_vmap_size(vmap_size: int | None, num_models: int, backend: str | None = None) -> int:
+    """How many members train side by side under ``vmap``; the rest take turns.
+
+    ``None`` picks per backend (``jax.default_backend()`` at trace time): 1 on CPU, all
+    ``num_models`` elsewhere. A number is clipped to ``[1, num_models]``.
+    """
+    if vmap_size is None:
+        return min(_AUTO_VMAP_SIZE.get(backend or jax.default_backend(), num_models), num_models)
+    if not isinstance(vmap_size, int | np.integer) or vmap_size < 1:
+        raise ValueError(f"vmap_size={vmap_size!r}; expected a positive integer or None")
+    return min(int(vmap_size), num_models)
+
+
+def _vmapped_model(model: nn.Module) -> nn.Module:
+    # Under vmap with per-member kernels XLA's convolutions become grouped convolutions;
+    # conv_impl="auto" resolves to the formulation measured best for that case.
+    if getattr(model, "conv_impl", None) == "auto":
+        return model.clone(conv_impl=resolve_conv_impl("auto", vmapped=True))
+    return model
 
 
 def create_population(
@@ -237,6 +266,7 @@ def train_population_epoch_fn(
     labels: jax.Array,
     indices: jax.Array,
     mask: jax.Array,
+    vmap_size: int | None = None,
 ) -> tuple[TrainState, Metrics]:
     """:func:`flaxconv.epochs.train_epoch_fn` for every member at once; pure, not jitted.
 
@@ -247,18 +277,39 @@ def train_population_epoch_fn(
       indices: int32 ``[S, B]`` (all members see the same batches) or ``[K, S, B]`` (a
         data order per member), see :func:`population_indices`.
       mask: bool ``[S, B]``; False slots are padding (the same for every order).
+      vmap_size: members trained side by side by ``jax.vmap``; groups of them take turns
+        (``jax.lax.map``) inside the same compiled epoch. None: per backend, see
+        :func:`resolve_vmap_size` (static under ``jit``). Every choice gives each member
+        the same result, up to float rounding.
 
     Returns:
       The trained population and metric sums per member and step, each ``[K, S]``.
     """
-    member_axis = 0 if np.ndim(indices) == 3 else None
-    run = jax.vmap(train_epoch_fn, in_axes=(0, None, None, member_axis, None))
-    return run(states, images, labels, indices, mask)
+    k = num_members(states)
+    size = resolve_vmap_size(vmap_size, k)
+    per_member = np.ndim(indices) == 3
+
+    def member_epoch(state, member_indices):
+        return train_epoch_fn(state, images, labels, member_indices, mask)
+
+    if size == k:
+        vmapped = states.replace(model=_vmapped_model(states.model))
+        run = jax.vmap(member_epoch, in_axes=(0, 0 if per_member else None))
+        new, sums = run(vmapped, indices)
+        return new.replace(model=states.model), sums
+    if per_member:
+        return jax.lax.map(lambda xs: member_epoch(*xs), (states, indices),
+                           batch_size=size if size > 1 else None)
+    return jax.lax.map(lambda state: member_epoch(state, indices), states,
+                       batch_size=size if size > 1 else None)
 
 
 # Donates the population: the library's loop owns it, and K copies of the model and
 # optimizer state would otherwise be live twice at the end of each epoch.
-_train_population_epoch = jax.jit(train_population_epoch_fn, donate_argnums=0)
+# A tuned jit: members that take turns run the CPU's Eigen convolutions.
+_train_population_epoch = tuned_jit(
+    train_population_epoch_fn, donate_argnums=0, static_argnames="vmap_size"
+)
 
 
 def train_population_epoch(
@@ -267,13 +318,20 @@ def train_population_epoch(
     labels: jax.Array,
     indices: jax.Array,
     mask: jax.Array,
+    vmap_size: int | None = None,
 ) -> tuple[TrainState, Metrics]:
     """Jitted :func:`train_population_epoch_fn`; donates ``states`` (do not reuse them).
 
     Checks the shapes first, so a wrong ``indices`` gets an error naming it rather than a
     vmap traceback. Sum the returned ``[K, S]`` metrics over the last axis for the epoch.
+    ``vmap_size=None`` vmaps all members of a population spread over several devices
+    (:func:`shard_population`: each device trains its own members) and otherwise picks per
+    backend (:func:`resolve_vmap_size`).
     """
     k = num_members(states)
+    step = states.step
+    if vmap_size is None and isinstance(step, jax.Array) and len(step.sharding.device_set) > 1:
+        vmap_size = k
     shape = tuple(np.shape(indices))
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != k):
         raise ValueError(
@@ -282,7 +340,7 @@ def train_population_epoch(
         )
     if tuple(np.shape(mask)) != shape[-2:]:
         raise ValueError(f"mask has shape {tuple(np.shape(mask))}; expected {shape[-2:]}")
-    return _train_population_epoch(states, images, labels, indices, mask)
+    return _train_population_epoch(states, images, labels, indices, mask, vmap_size=vmap_size)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxconv import optim
+from flaxconv.models.layers import tuned_jit
 from flaxconv.state import TrainState
 from flaxconv.steps import check_images, prepare_images
 
@@ -217,7 +218,7 @@ def _capture_fn(state: TrainState, images: jax.Array, names: tuple[str, ...]):
     return {name: captured["intermediates"][name]["__call__"][0] for name in names}
 
 
-_capture = jax.jit(_capture_fn, static_argnums=2)
+_capture = tuned_jit(_capture_fn, static_argnums=2)
 
 
 def activations(

@@ -128,6 +128,23 @@ def test_shared_order_equals_solo_and_vmapped_train_step_works(trained):
     close(pop.select_member(states, 0).params, solo.params)
 
 
+@pytest.mark.parametrize("vmap_size", [1, 2, 3])
+def test_members_vmapped_or_taking_turns_train_alike(trained, vmap_size):
+    # All vmapped (3), in vmapped groups that take turns (2: groups of 2 and 1), or one
+    # after another (1): the same population, whatever the backend's default.
+    start = jax.tree.map(jnp.copy, trained["init"])
+    states, sums = pop.train_population_epoch(start, trained["images"], trained["labels"],
+                                              trained["indices"], trained["plan"].mask,
+                                              vmap_size=vmap_size)
+    close(states.params, trained["states"].params)
+    close(sums["loss_sum"], trained["sums"]["loss_sum"], tol=1e-4)
+    assert states.model == trained["states"].model
+    assert pop.resolve_vmap_size(None, 8, "cpu") == 1
+    assert pop.resolve_vmap_size(None, 8, "gpu") == 8
+    with pytest.raises(ValueError, match="vmap_size=0"):
+        pop.resolve_vmap_size(0, 8)
+
+
 def test_evaluate_population_equals_each_member_evaluated_alone(trained):
     images, labels = synthetic(130, seed=2)  # 130 = 2 full batches of 50 + a padded one
     sums = pop.evaluate_population(trained["states"], images, labels, batch_size=50)

@@ -1,5 +1,7 @@
 """The public step functions: purity, learning, exact metric sums, vmap/scan, bad input."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -189,10 +191,11 @@ def test_sgd_momentum_nesterov_and_schedules():
     assert float(fc.optim.learning_rate(state)) == pytest.approx(1e-5)
 
 
-@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+@pytest.mark.parametrize("impl", ["im2col", "xla_nhwc"])
+@pytest.mark.parametrize("padding", ["VALID", "SAME", ((2, 0), (1, 2))])
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
 @pytest.mark.parametrize("shape", [(4, 28, 28, 1), (3, 13, 13, 32), (2, 5, 5, 64)])
-def test_im2col_conv_matches_xla_values_and_gradients(shape, strides, padding):
+def test_conv_formulations_match_xla_values_and_gradients(shape, strides, padding, impl):
     x = jax.random.normal(jax.random.key(1), shape)
     kernel = jax.random.normal(jax.random.key(2), (3, 3, shape[-1], 16)) * 0.1
 
@@ -203,18 +206,77 @@ def test_im2col_conv_matches_xla_values_and_gradients(shape, strides, padding):
         return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(x, kernel)
 
     (value_a, y_a), grads_a = loss("xla")
-    (value_b, y_b), grads_b = loss("im2col")
+    (value_b, y_b), grads_b = loss(impl)
     np.testing.assert_allclose(y_a, y_b, rtol=1e-5, atol=1e-5)
-    chex.assert_trees_all_close(grads_a, grads_b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        # float32 sums of up to N*H*W products in different orders: relative to the scale.
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(a))))
+
+
+def test_conv_rejects_bad_padding():
+    x, kernel = jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 4))
+    for padding in ["FULL", ((1, 1),), ((1, -1), (0, 0))]:
+        with pytest.raises(ValueError, match="padding="):
+            fc.models.conv2d(x, kernel, padding=padding)
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum():
+    x = jax.random.normal(jax.random.key(3), (2, 11, 9, 3))  # odd sizes: the floor crops
+
+    def reference(x):  # JAX's own max gradient, the same where there are no ties
+        n, _, _, c = x.shape
+        return x[:, :10, :8].reshape(n, 5, 2, 4, 2, c).max(axis=(2, 4))
+
+    y = fc.models.max_pool(x)
+    np.testing.assert_array_equal(y, reference(x))
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(fc.models.max_pool(x))))(x)
+    np.testing.assert_allclose(g, jax.grad(lambda x: jnp.sum(jnp.sin(reference(x))))(x))
+    assert not np.any(g[:, 10:]) and not np.any(g[:, :, 8:])
+    ties = jax.grad(lambda x: fc.models.max_pool(x, 3).sum())(jnp.ones((1, 6, 6, 1)))[0, :, :, 0]
+    expected = np.zeros((6, 6))
+    expected[::3, ::3] = 1  # TensorFlow's MaxPool gradient: the first maximum in row order
+    np.testing.assert_array_equal(ties, expected)
 
 
 def test_conv_impls_share_parameters_and_auto_resolves_per_backend():
     state = make_state(conv_impl="xla")
     images = random_batch(4)["image"]
-    other = state.replace(model=fc.models.get("dlwp_mnist", conv_impl="im2col"))
-    np.testing.assert_allclose(fc.predict(state, images), fc.predict(other, images),
-                               rtol=1e-5, atol=1e-5)
-    assert fc.models.resolve_conv_impl("auto", "cpu") == "im2col"
+    for impl in ["im2col", "xla_nhwc"]:
+        other = state.replace(model=fc.models.get("dlwp_mnist", conv_impl=impl))
+        np.testing.assert_allclose(fc.predict(state, images), fc.predict(other, images),
+                                   rtol=1e-5, atol=1e-5)
+    tuned_cpu = "xla_nhwc" if fc.models.COMPILER_OPTIONS else "im2col"
+    assert fc.models.resolve_conv_impl("auto", "cpu", tuned=True) == tuned_cpu
+    assert fc.models.resolve_conv_impl("auto", "cpu", tuned=False) == "im2col"
+    assert fc.models.resolve_conv_impl("auto", "cpu", tuned=True, vmapped=True) == "im2col"
+    assert fc.models.resolve_conv_impl("auto", "gpu") == "im2col"
     assert fc.models.resolve_conv_impl("auto", "tpu") == "xla"
     with pytest.raises(ValueError, match="conv_impl='fft'"):
         fc.models.resolve_conv_impl("fft")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's convolution choice")
+def test_auto_uses_eigen_convolutions_inside_tuned_jit_and_im2col_elsewhere():
+    state, batch = make_state(), random_batch(8)  # conv_impl="auto"
+    plain = jax.jit(fc.train_step_fn).lower(state, batch).compile().as_text()
+    tuned = fc.models.tuned_jit(fc.train_step_fn).lower(state, batch).compile().as_text()
+    assert "convolution(" not in plain  # im2col: slices and matmuls only
+    if not fc.models.COMPILER_OPTIONS:
+        assert "convolution(" not in tuned
+        return
+    assert "convolution(" in tuned
+
+    def ynn_convolutions(hlo):
+        # The computations holding a convolution, and the YNNPACK fusions that call them.
+        blocks = [b.strip() for b in hlo.split("\n\n")]
+        with_conv = {b.split()[0] for b in blocks if "convolution(" in b}
+        return [line for line in hlo.splitlines() if "__ynn_fusion" in line
+                and set(re.findall(r"calls=(%[\w.-]+)", line)) & with_conv]
+
+    # xla_nhwc is fast only while XLA:CPU honours COMPILER_OPTIONS; a jaxlib that drops or
+    # renames the option should fail here rather than silently run 2x slower.
+    assert not ynn_convolutions(tuned)
+    nhwc = state.replace(model=fc.models.get("dlwp_mnist", conv_impl="xla_nhwc"))
+    assert ynn_convolutions(jax.jit(fc.train_step_fn).lower(nhwc, batch).compile().as_text())
+    # A tuned jit is a top-level jit; the public steps stay composable inside others.
+    jax.jit(lambda s, b: fc.train_step(s, b))(state, batch)

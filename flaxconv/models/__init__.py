@@ -16,6 +16,7 @@ import flax.linen as nn
 
 from flaxconv.models.convstack import ConvStack
 from flaxconv.models.layers import (
+    COMPILER_OPTIONS,
     CONV_IMPLS,
     INITIALIZERS,
     Conv,
@@ -24,6 +25,7 @@ from flaxconv.models.layers import (
     conv2d,
     max_pool,
     resolve_conv_impl,
+    tuned_jit,
 )
 
 # The seed notebooks' architectures, as ConvStack settings.
@@ -66,6 +68,7 @@ def get(name: str, num_classes: int = 10, **overrides: Any) -> nn.Module:
 
 
 __all__ = [
+    "COMPILER_OPTIONS",
     "CONV_IMPLS",
     "INITIALIZERS",
     "PRESETS",
@@ -78,4 +81,5 @@ __all__ = [
     "max_pool",
     "names",
     "resolve_conv_impl",
+    "tuned_jit",
 ]

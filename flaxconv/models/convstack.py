@@ -50,7 +50,7 @@ class ConvStack(nn.Module):
         (Keras's BatchNormalization with ``trainable=False``; set by
         ``flaxconv.finetune.freeze``).
       dropout_rate: dropout right before ``head``, active only with ``train=True``.
-      conv_impl: "auto" | "xla" | "im2col" (see ``flaxconv.models.layers``).
+      conv_impl: "auto" | "xla" | "xla_nhwc" | "im2col" (see ``flaxconv.models.layers``).
       kernel_init: initializer name; Keras's glorot-uniform reproduces the textbook numbers.
       dtype: computation dtype, e.g. ``jnp.bfloat16`` for mixed precision; parameters,
         the logits and the loss stay float32.

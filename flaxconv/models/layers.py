@@ -1,50 +1,128 @@
 """Convolution and pooling layers with a per-backend choice of formulation.
 
-Two formulations of the same 2-D convolution (NHWC inputs, HWIO kernels):
+Three formulations of the same 2-D convolution (NHWC inputs, HWIO kernels):
 
-* ``"xla"``: ``lax.conv_general_dilated``. Best on GPU/TPU (cuDNN, the MXU).
+* ``"xla"``: ``lax.conv_general_dilated`` with JAX's own gradients. Best on TPU (the MXU).
+* ``"xla_nhwc"``: the same forward convolution, with a custom VJP that writes both
+  gradients as forward NHWC/HWIO convolutions too: the input gradient correlates the padded
+  output gradient with the flipped kernel, and the kernel gradient swaps the roles of batch
+  and channels (``x^T [C_in, H, W, N]`` correlated with ``dy^T [H_out, W_out, N, C_out]``).
+  JAX's own kernel gradient is a convolution with non-canonical dimension numbers, which
+  XLA:CPU runs as a naive loop inside ``lax.scan`` (jax-ml/jax#12868); in canonical form all
+  three run on XLA:CPU's Eigen convolution kernels. Stride 1 only; other strides, and
+  paddings wider than the kernel, use im2col.
 * ``"im2col"``: the ``kh*kw`` shifted views of the input are concatenated on the channel
   axis and multiplied by the kernel reshaped to ``[kh*kw*C_in, C_out]``: one matmul forward
-  and, for the gradients, one matmul plus slicing. XLA:CPU lowers the weight-gradient
-  convolution inside loops (``lax.scan``) and under ``vmap`` (grouped convolutions) to a
-  slow naive loop (jax-ml/jax#12868); the matmul form keeps both on its fast GEMM path.
+  and one for each gradient. Under ``vmap`` (populations) a batched matmul, where the
+  convolutions would become grouped convolutions, which XLA:CPU runs slowly.
 
 ``"auto"`` picks per backend from measurements recorded in ``benchmarks/RESULTS.md``
-(``benchmarks/conv_impl.py`` reruns them): im2col on CPU, where it is several times faster
-inside ``lax.scan``, and on GPU (an H200), where these small convolutions lose to one GEMM;
-XLA's convolution elsewhere (TPU: not measured yet; its MXU runs convolutions natively).
-Both formulations hold the same parameters, so checkpoints move freely between them.
+(``benchmarks/conv_impl.py`` reruns them). On CPU: ``xla_nhwc`` inside :func:`tuned_jit`
+(the library's own loops), which compiles with :data:`COMPILER_OPTIONS` so that XLA:CPU
+runs the convolutions on Eigen rather than YNNPACK, and im2col everywhere else (with
+YNNPACK's convolutions ``xla_nhwc`` is the slower one). On GPU (an H200) im2col, where
+these small convolutions lose to one GEMM. XLA's convolution elsewhere (TPU: not
+measured). :func:`resolve_conv_impl` with ``vmapped=True`` is the choice for vmapped
+population members: im2col on CPU and GPU.
+All formulations hold the same parameters, so checkpoints move freely between them.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import jaxlib
 from jax import lax
 
-CONV_IMPLS = ("auto", "xla", "im2col")
+CONV_IMPLS = ("auto", "xla", "xla_nhwc", "im2col")
+
+
+def _compiler_options() -> dict[str, str]:
+    # XLA:CPU gives NHWC convolutions to YNNPACK by default; on these small convolutions its
+    # kernels ran 2-20x slower than Eigen's (benchmarks/RESULTS.md §3). The option keeps dots
+    # and reductions on YNNPACK and sends convolutions to Eigen. It is an experimental
+    # DebugOptions field, checked to exist in jaxlib 0.10.x only; elsewhere nothing is set.
+    version = tuple(int(part) for part in jaxlib.__version__.split(".")[:3] if part.isdigit())
+    if (0, 10, 2) <= version < (0, 11):
+        return {
+            "xla_cpu_experimental_ynn_fusion_type": (
+                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+            )
+        }
+    return {}
+
+
+#: The ``compiler_options`` that :func:`tuned_jit` passes to ``jax.jit``.
+COMPILER_OPTIONS: dict[str, str] = _compiler_options()
 
 # Measured choice per backend (benchmarks/conv_impl.py); anything unknown gets XLA's conv.
+# "cpu" holds two entries: inside tuned_jit, where convolutions run on Eigen, and elsewhere.
 _AUTO_CONV_IMPL = {"cpu": "im2col", "gpu": "im2col", "cuda": "im2col"}
+_AUTO_TUNED_CPU_CONV_IMPL = "xla_nhwc" if COMPILER_OPTIONS else "im2col"
+_AUTO_VMAPPED_CONV_IMPL = {"cpu": "im2col", "gpu": "im2col", "cuda": "im2col"}
+
+# True while tuned_jit traces: the function is compiled with COMPILER_OPTIONS.
+_tracing_tuned = contextvars.ContextVar("flaxconv_tracing_tuned", default=False)
 
 
-def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
-    """Returns the concrete formulation ("xla" or "im2col") for ``impl`` on ``backend``.
+def tuned_jit(fun: Callable, **jit_kwargs) -> Callable:
+    """``jax.jit(fun, **jit_kwargs)`` compiled with :data:`COMPILER_OPTIONS`, under which
+    ``conv_impl="auto"`` picks ``"xla_nhwc"`` on CPU.
 
-    ``backend`` defaults to ``jax.default_backend()``; it is read at trace time.
+    The library's own loops (``flaxconv.epochs.train_epoch``, ``fit``, populations,
+    evaluation) are tuned jits. Like every ``compiler_options`` jit it must be called at
+    the top level, not inside another ``jax.jit``; the public ``fc.train_step``,
+    ``fc.eval_step`` and ``fc.predict`` are plain jits, composable anywhere, and use
+    im2col on CPU. A researcher's own top-level loop can be one too::
+
+        epoch = fc.models.tuned_jit(my_epoch_fn, donate_argnums=0)
+    """
+
+    @functools.wraps(fun)
+    def traced_tuned(*args, **kwargs):
+        token = _tracing_tuned.set(True)
+        try:
+            return fun(*args, **kwargs)
+        finally:
+            _tracing_tuned.reset(token)
+
+    return jax.jit(traced_tuned, compiler_options=COMPILER_OPTIONS, **jit_kwargs)
+
+
+def resolve_conv_impl(
+    impl: str, backend: str | None = None, vmapped: bool = False, tuned: bool | None = None
+) -> str:
+    """Returns the concrete formulation ("xla", "xla_nhwc" or "im2col") for ``impl``.
+
+    Args:
+      impl: one of ``CONV_IMPLS``; anything but "auto" comes back as is.
+      backend: defaults to ``jax.default_backend()``, read at trace time.
+      vmapped: the layer runs under ``vmap`` with per-member kernels (a population), where
+        XLA's convolutions become grouped convolutions.
+      tuned: compiled by :func:`tuned_jit`; None reads it from the trace in progress.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl={impl!r} is not one of {CONV_IMPLS}")
     if impl != "auto":
         return impl
-    return _AUTO_CONV_IMPL.get(backend or jax.default_backend(), "xla")
+    backend = backend or jax.default_backend()
+    if vmapped:
+        return _AUTO_VMAPPED_CONV_IMPL.get(backend, "xla")
+    tuned = _tracing_tuned.get() if tuned is None else tuned
+    if backend == "cpu" and tuned:
+        return _AUTO_TUNED_CPU_CONV_IMPL
+    return _AUTO_CONV_IMPL.get(backend, "xla")
 
 
-def _padding_amounts(padding: str | Sequence[tuple[int, int]], size: int, k: int, s: int):
+def _padding_amounts(padding: str | Sequence[tuple[int, int]], size: int, k: int, s: int,
+                     axis: int) -> tuple[int, int]:
+    """(low, high) padding of spatial ``axis`` (0: height, 1: width)."""
     if isinstance(padding, str):
         mode = padding.upper()
         if mode == "VALID":
@@ -53,8 +131,17 @@ def _padding_amounts(padding: str | Sequence[tuple[int, int]], size: int, k: int
             out = -(-size // s)
             total = max((out - 1) * s + k - size, 0)
             return (total // 2, total - total // 2)
-        raise ValueError(f"padding={padding!r}; expected 'SAME', 'VALID' or ((lo, hi), (lo, hi))")
-    return tuple(padding)
+    else:
+        try:
+            low, high = (int(p) for p in padding[axis])
+            if len(padding) == 2 and low >= 0 and high >= 0:
+                return (low, high)
+        except (TypeError, ValueError, IndexError):
+            pass
+    raise ValueError(
+        f"padding={padding!r}; expected 'SAME', 'VALID' or ((top, bottom), (left, right)) "
+        "with non-negative integers"
+    )
 
 
 def conv2d(
@@ -71,22 +158,24 @@ def conv2d(
       kernel: ``[kh, kw, C_in, C_out]`` filters.
       strides: ``(sh, sw)``.
       padding: ``"VALID"``, ``"SAME"`` or explicit ``((top, bottom), (left, right))``.
-      impl: ``"xla"``, ``"im2col"`` or ``"auto"`` (see the module docstring).
+      impl: ``"xla"``, ``"xla_nhwc"``, ``"im2col"`` or ``"auto"`` (see the module docstring).
 
     Returns:
-      ``[N, H_out, W_out, C_out]``, with the dtype of ``x``; both formulations agree to
+      ``[N, H_out, W_out, C_out]``, with the dtype of ``x``; all formulations agree to
       float32 rounding, values and gradients.
     """
     impl = resolve_conv_impl(impl)
     kh, kw, c_in, c_out = kernel.shape
     if x.shape[-1] != c_in:
         raise ValueError(f"input has {x.shape[-1]} channels, kernel expects {c_in}: {x.shape}")
-    pad_h = _padding_amounts(padding, x.shape[1], kh, strides[0])
-    pad_w = _padding_amounts(padding, x.shape[2], kw, strides[1])
+    pad_h = _padding_amounts(padding, x.shape[1], kh, strides[0], axis=0)
+    pad_w = _padding_amounts(padding, x.shape[2], kw, strides[1], axis=1)
     if impl == "xla":
         return lax.conv_general_dilated(
-            x, kernel, strides, (pad_h, pad_w), dimension_numbers=("NHWC", "HWIO", "NHWC")
+            x, kernel, strides, (pad_h, pad_w), dimension_numbers=_NHWC
         )
+    if impl == "xla_nhwc" and tuple(strides) == (1, 1) and max(pad_h) < kh and max(pad_w) < kw:
+        return _conv_nhwc(x, kernel, (tuple(pad_h), tuple(pad_w)))
     if any(pad_h) or any(pad_w):
         x = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
     sh, sw = strides
@@ -102,19 +191,103 @@ def conv2d(
     return patches @ kernel.reshape(kh * kw * c_in, c_out)
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _forward_conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_nhwc(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+    """Stride-1 convolution whose two gradients are forward NHWC/HWIO convolutions too."""
+    return _forward_conv(x, kernel, padding)
+
+
+def _conv_nhwc_fwd(x, kernel, padding):
+    return _forward_conv(x, kernel, padding), (x, kernel)
+
+
+def _conv_nhwc_bwd(padding, residuals, dy):
+    x, kernel = residuals
+    kh, kw = kernel.shape[:2]
+    (top, bottom), (left, right) = padding
+    # dx[h] = sum_i dy[h + pad - i] k[i]: dy padded to a full correlation with the flipped
+    # kernel (in and out channels swapped), less the forward padding.
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    dx = _forward_conv(dy, flipped, ((kh - 1 - top, kh - 1 - bottom),
+                                     (kw - 1 - left, kw - 1 - right)))
+    # dk[i, j, c, o] = sum_{n,h,w} x[n, h + i, w + j, c] dy[n, h, w, o].
+    c_in, c_out = kernel.shape[2:]
+    if kh * kw * c_in <= c_out:
+        # Few input channels (the first layer): the transposed patches of x are smaller
+        # than dy, so one matmul with them beats transposing dy for a convolution.
+        x_t = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))).transpose(3, 0, 1, 2)
+        oh, ow = dy.shape[1:3]
+        patches_t = jnp.stack(
+            [x_t[:, :, i : i + oh, j : j + ow] for i in range(kh) for j in range(kw)]
+        )  # [kh * kw, C_in, N, H_out, W_out]
+        dk = patches_t.reshape(kh * kw * c_in, -1) @ dy.reshape(-1, c_out)
+        return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+    # Otherwise a forward conv with the channels of x as its batch and the examples as its
+    # contracted features.
+    dk = _forward_conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), padding)
+    return dx.astype(x.dtype), dk.transpose(1, 2, 0, 3).astype(kernel.dtype)
+
+
+_conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
 def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
     """Non-overlapping ``window x window`` max pooling with Keras's "valid" floor.
 
-    ``[N, H, W, C] -> [N, H // window, W // window, C]``. Written as a reshape and a max
-    rather than ``reduce_window``, so the gradient is elementwise (no select-and-scatter)
-    on every backend.
+    ``[N, H, W, C] -> [N, H // window, W // window, C]``: a reshape and a max rather than
+    ``reduce_window``. The gradient goes to the first maximum of each window in row-major
+    order, as in TensorFlow's MaxPool (JAX's ``max`` would split it among ties); it is
+    recomputed from the input and the output in one elementwise pass, so the forward pass
+    stores no mask.
     """
     n, h, w, c = x.shape
-    oh, ow = h // window, w // window
-    if oh == 0 or ow == 0:
+    if h // window == 0 or w // window == 0:
         raise ValueError(f"cannot max-pool a {h}x{w} feature map with a {window}x{window} window")
-    x = x[:, : oh * window, : ow * window, :]
-    return x.reshape(n, oh, window, ow, window, c).max(axis=(2, 4))
+    return _max_pool(x, window)
+
+
+def _pool_windows(x: jax.Array, window: int) -> jax.Array:
+    n, h, w, c = x.shape
+    oh, ow = h // window, w // window
+    return x[:, : oh * window, : ow * window, :].reshape(n, oh, window, ow, window, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x: jax.Array, window: int) -> jax.Array:
+    return _pool_windows(x, window).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x, window):
+    y = _max_pool(x, window)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window, residuals, dy):
+    x, y = residuals
+    windows = _pool_windows(x, window)
+    taken = jnp.zeros(y.shape, bool)
+    rows = []
+    for i in range(window):
+        row = []
+        for j in range(window):
+            is_max = (windows[:, :, i, :, j, :] == y) & ~taken
+            taken = taken | is_max
+            row.append(jnp.where(is_max, dy, jnp.zeros((), dy.dtype)))
+        rows.append(jnp.stack(row, axis=3))
+    dx = jnp.stack(rows, axis=2).reshape(windows.shape[0], -1, windows.shape[3] * window,
+                                         x.shape[-1])
+    n, h, w, c = x.shape
+    return (jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]), (0, 0))),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 INITIALIZERS: dict[str, Callable[..., Any]] = {
