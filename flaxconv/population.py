@@ -7,7 +7,9 @@ is ``int32[K]``, the injected learning rate is ``float32[K]``. The static fields
 family; they differ in their initialization key, their learning rate and (optionally)
 their data order. Nothing else is special: ``jax.vmap(fc.train_step, in_axes=(0, None))``
 trains a population on one batch, and the functions here are that idea applied to whole
-device-resident epochs (:mod:`flaxconv.epochs`).
+device-resident epochs (:mod:`flaxconv.epochs`). On CPU, where a vmapped member trains
+slower than a lone model, :func:`train_population_epoch` lets the members take turns inside
+the one compiled epoch instead (``vmap_size``, :func:`resolve_vmap_size`).
 
 >>> states = create_population(keys_from_seeds(range(8)), model, tx, images[:1],
 ...                            learning_rates=np.geomspace(1e-4, 1e-2, 8))
