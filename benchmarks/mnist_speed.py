@@ -124,7 +124,7 @@ def run_flaxconv(epochs: int, recipe: str, seed: int) -> dict:
         "batch_size": batch,
         "test_accuracy": test["accuracy"],
         "device": str(jax.devices()[0]),
-        "conv_impl": fc.models.resolve_conv_impl("auto"),
+        "conv_impl": fc.models.resolve_conv_impl("auto", tuned=True),  # fit runs tuned jits
         "version": f"jax {jax.__version__}",
     }
 

@@ -177,17 +177,12 @@ def conv2d(
     if impl == "xla_nhwc" and tuple(strides) == (1, 1) and max(pad_h) < kh and max(pad_w) < kw:
         return _conv_nhwc(x, kernel, (tuple(pad_h), tuple(pad_w)))
     if any(pad_h) or any(pad_w):
-        x = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+        x = _pad(x, (pad_h, pad_w))
     sh, sw = strides
     out_h = (x.shape[1] - kh) // sh + 1
     out_w = (x.shape[2] - kw) // sw + 1
     # Column order (i, j, c) matches kernel.reshape(kh * kw * c_in, c_out).
-    columns = [
-        x[:, i : i + (out_h - 1) * sh + 1 : sh, j : j + (out_w - 1) * sw + 1 : sw, :]
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    patches = jnp.concatenate(columns, axis=-1) if len(columns) > 1 else columns[0]
+    patches = _patches(x, kh, kw, out_h, out_w, strides)
     return patches @ kernel.reshape(kh * kw * c_in, c_out)
 
 
@@ -198,41 +193,82 @@ def _forward_conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
     return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC)
 
 
+def _few_input_channels(kernel: jax.Array) -> bool:
+    # The first layer (C_in = 1): its patches [N*H*W, kh*kw*C_in] are no larger than its
+    # output, and one matmul with them beats Eigen's convolution with a 9-deep contraction.
+    kh, kw, c_in, c_out = kernel.shape
+    return kh * kw * c_in <= c_out
+
+
+def _patches(x: jax.Array, kh: int, kw: int, out_h: int, out_w: int, strides=(1, 1)):
+    """``[N, out_h, out_w, kh*kw*C]``: the shifted views of (padded) ``x``, (i, j, c) order."""
+    sh, sw = strides
+    columns = [
+        x[:, i : i + (out_h - 1) * sh + 1 : sh, j : j + (out_w - 1) * sw + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.concatenate(columns, axis=-1) if len(columns) > 1 else columns[0]
+
+
+def _pad(x: jax.Array, padding) -> jax.Array:
+    (top, bottom), (left, right) = padding
+    return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv_nhwc(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
-    """Stride-1 convolution whose two gradients are forward NHWC/HWIO convolutions too."""
+    """Stride-1 convolution whose gradients are forward NHWC convolutions or matmuls."""
+    if _few_input_channels(kernel):
+        kh, kw, c_in, c_out = kernel.shape
+        xp = _pad(x, padding)
+        oh, ow = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+        return _patches(xp, kh, kw, oh, ow) @ kernel.reshape(kh * kw * c_in, c_out)
     return _forward_conv(x, kernel, padding)
 
 
 def _conv_nhwc_fwd(x, kernel, padding):
-    return _forward_conv(x, kernel, padding), (x, kernel)
+    return _conv_nhwc(x, kernel, padding), (x, kernel)
 
 
 def _conv_nhwc_bwd(padding, residuals, dy):
     x, kernel = residuals
-    kh, kw = kernel.shape[:2]
+    kh, kw, c_in, c_out = kernel.shape
     (top, bottom), (left, right) = padding
-    # dx[h] = sum_i dy[h + pad - i] k[i]: dy padded to a full correlation with the flipped
-    # kernel (in and out channels swapped), less the forward padding.
-    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    dx = _forward_conv(dy, flipped, ((kh - 1 - top, kh - 1 - bottom),
-                                     (kw - 1 - left, kw - 1 - right)))
+    n, oh, ow, _ = dy.shape
+    hp, wp = x.shape[1] + top + bottom, x.shape[2] + left + right
+    if hp * wp > 1.5 * oh * ow:
+        # A small output (conv_2's 3x3): the full correlation below would mostly multiply
+        # padding, so the patch gradients come from one matmul and are summed back (col2im).
+        parts = (dy.reshape(-1, c_out) @ kernel.reshape(-1, c_out).T).reshape(
+            n, oh, ow, kh * kw, c_in)
+        dx = sum(
+            jnp.pad(parts[:, :, :, i * kw + j], ((0, 0), (i, hp - oh - i), (j, wp - ow - j),
+                                                 (0, 0)))
+            for i in range(kh)
+            for j in range(kw)
+        )[:, top : hp - bottom, left : wp - right]
+    else:
+        # dx[h] = sum_i dy[h + pad - i] k[i]: dy padded to a full correlation with the
+        # flipped kernel (in and out channels swapped), less the forward padding.
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+        dx = _forward_conv(dy, flipped, ((kh - 1 - top, kh - 1 - bottom),
+                                         (kw - 1 - left, kw - 1 - right)))
     # dk[i, j, c, o] = sum_{n,h,w} x[n, h + i, w + j, c] dy[n, h, w, o].
-    c_in, c_out = kernel.shape[2:]
-    if kh * kw * c_in <= c_out:
-        # Few input channels (the first layer): the transposed patches of x are smaller
-        # than dy, so one matmul with them beats transposing dy for a convolution.
-        x_t = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))).transpose(3, 0, 1, 2)
-        oh, ow = dy.shape[1:3]
+    if _few_input_channels(kernel):
+        # The transposed patches of x [kh*kw*C_in, N*H_out*W_out] are smaller than dy: one
+        # matmul with them beats transposing dy for a convolution.
+        x_t = _pad(x, padding).transpose(3, 0, 1, 2)
         patches_t = jnp.stack(
             [x_t[:, :, i : i + oh, j : j + ow] for i in range(kh) for j in range(kw)]
-        )  # [kh * kw, C_in, N, H_out, W_out]
-        dk = patches_t.reshape(kh * kw * c_in, -1) @ dy.reshape(-1, c_out)
-        return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
-    # Otherwise a forward conv with the channels of x as its batch and the examples as its
-    # contracted features.
-    dk = _forward_conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), padding)
-    return dx.astype(x.dtype), dk.transpose(1, 2, 0, 3).astype(kernel.dtype)
+        )
+        dk = (patches_t.reshape(kh * kw * c_in, -1) @ dy.reshape(-1, c_out)).reshape(kernel.shape)
+    else:
+        # A forward conv with the channels of x as its batch and the examples as its
+        # contracted features.
+        dk = _forward_conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), padding)
+        dk = dk.transpose(1, 2, 0, 3)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
 _conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
