@@ -9,7 +9,11 @@ Three formulations of the same 2-D convolution (NHWC inputs, HWIO kernels):
   and channels (``x^T [C_in, H, W, N]`` correlated with ``dy^T [H_out, W_out, N, C_out]``).
   JAX's own kernel gradient is a convolution with non-canonical dimension numbers, which
   XLA:CPU runs as a naive loop inside ``lax.scan`` (jax-ml/jax#12868); in canonical form all
-  three run on XLA:CPU's Eigen convolution kernels. Stride 1 only; other strides, and
+  three run on XLA:CPU's Eigen convolution kernels. Where a matmul does less work it is used
+  instead: a layer with few input channels (the first: ``kh*kw*C_in <= C_out``) runs forward
+  and kernel gradient as one matmul with its (small) patches, and a small output (conv_2's
+  3x3, where the full correlation would mostly multiply padding) gets its input gradient
+  as one matmul summed back onto the input (col2im). Stride 1 only; other strides, and
   paddings wider than the kernel, use im2col.
 * ``"im2col"``: the ``kh*kw`` shifted views of the input are concatenated on the channel
   axis and multiplied by the kernel reshaped to ``[kh*kw*C_in, C_out]``: one matmul forward
