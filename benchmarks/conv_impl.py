@@ -7,8 +7,9 @@ Times the dlwp_mnist training step with each formulation — XLA's convolution w
 gradients, XLA's convolution with every gradient as a forward NHWC convolution
 (``xla_nhwc``), and im2col (shifted slices + one matmul) — each (a) as one jitted
 ``lax.scan`` over ``--steps`` batches, the device-resident epoch, and (b) as a Python loop
-of jitted steps; prints ms/step. ``xla_nhwc`` runs twice: with the library's
-``fc.COMPILER_OPTIONS`` and without them (XLA:CPU's default, convolutions on YNNPACK).
+of jitted steps; prints ms/step. ``xla_nhwc`` runs twice: in ``fc.models.tuned_jit`` (the
+library's ``COMPILER_OPTIONS``) and in a plain ``jax.jit`` (XLA:CPU's defaults, convolutions
+on YNNPACK).
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ def resolve_vmap_size(vmap_size: int | None, num_models: int, backend: str | Non
     """How many members train side by side under ``vmap``; the rest take turns.
 
     ``None`` picks per backend (``jax.default_backend()`` at trace time): 1 on CPU, all
-    ``num_models`` elsewhere. A number is clipped to ``[1, num_models]``.
+    ``num_models`` elsewhere. A larger number is clipped to ``num_models``; below 1 is an error.
     """
     if vmap_size is None:
         return min(_AUTO_VMAP_SIZE.get(backend or jax.default_backend(), num_models), num_models)

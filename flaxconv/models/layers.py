@@ -66,10 +66,10 @@ def _compiler_options() -> dict[str, str]:
 COMPILER_OPTIONS: dict[str, str] = _compiler_options()
 
 # Measured choice per backend (benchmarks/conv_impl.py); anything unknown gets XLA's conv.
-# "cpu" holds two entries: inside tuned_jit, where convolutions run on Eigen, and elsewhere.
+# Also the choice for vmapped members. The CPU inside tuned_jit, where convolutions run on
+# Eigen, has its own entry.
 _AUTO_CONV_IMPL = {"cpu": "im2col", "gpu": "im2col", "cuda": "im2col"}
 _AUTO_TUNED_CPU_CONV_IMPL = "xla_nhwc" if COMPILER_OPTIONS else "im2col"
-_AUTO_VMAPPED_CONV_IMPL = {"cpu": "im2col", "gpu": "im2col", "cuda": "im2col"}
 
 # True while tuned_jit traces: the function is compiled with COMPILER_OPTIONS.
 _tracing_tuned = contextvars.ContextVar("flaxconv_tracing_tuned", default=False)
@@ -116,10 +116,8 @@ def resolve_conv_impl(
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
-    if vmapped:
-        return _AUTO_VMAPPED_CONV_IMPL.get(backend, "xla")
     tuned = _tracing_tuned.get() if tuned is None else tuned
-    if backend == "cpu" and tuned:
+    if backend == "cpu" and tuned and not vmapped:
         return _AUTO_TUNED_CPU_CONV_IMPL
     return _AUTO_CONV_IMPL.get(backend, "xla")
 
