@@ -1,5 +1,5 @@
 """Which convolution formulation is fastest on this backend? The measurement behind
-``flaxconv.models.resolve_conv_impl("auto")``.
+``flaxconv.models.resolve_conv_impl("auto")``, and the GEMM-only floor of the step.
 
     python benchmarks/conv_impl.py [--steps 100] [--batch-size 64]
 
@@ -7,9 +7,16 @@ Times the dlwp_mnist training step with each formulation — XLA's convolution w
 gradients, XLA's convolution with every gradient as a forward NHWC convolution
 (``xla_nhwc``), and im2col (shifted slices + one matmul) — each (a) as one jitted
 ``lax.scan`` over ``--steps`` batches, the device-resident epoch, and (b) as a Python loop
-of jitted steps; prints ms/step. ``xla_nhwc`` runs twice: in ``fc.models.tuned_jit`` (the
-library's ``COMPILER_OPTIONS``) and in a plain ``jax.jit`` (XLA:CPU's defaults, convolutions
-on YNNPACK).
+of jitted steps; prints ms/step, the achieved GFLOP/s (the model's training FLOPs, as in
+``mnist_speed.py``) and its share of the fp32 matmul peak measured in the same run.
+``xla_nhwc`` runs twice: in ``fc.models.tuned_jit`` (the library's ``COMPILER_OPTIONS``)
+and in a plain ``jax.jit`` (XLA:CPU's defaults, convolutions on YNNPACK).
+
+The last row, "GEMMs alone", is a bound rather than a formulation: the step's eleven matrix
+products at their im2col shapes (forward, input gradient and kernel gradient of every layer;
+no input gradient for the first), one after another in a ``lax.scan``, with nothing else —
+no patches, activations, pooling, loss or optimizer. No formulation built on these GEMMs
+can beat it; a second table times each GEMM alone.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from mnist_speed import LAYERS, matmul_peak_gflops, train_flops_per_example
 
 import flaxconv as fc
 from flaxconv import epochs as ep
@@ -61,26 +70,90 @@ def time_impl(impl: str, tuned: bool, steps: int, batch_size: int, images, label
     return {"scan_ms": scan_ms, "loop_ms": loop_ms, "compile_s": first - scan_ms * steps / 1000}
 
 
+def gemm_shapes(batch_size: int) -> list[tuple[str, int, int, int]]:
+    """``(name, M, K, N)`` of every matrix product of one training step of dlwp_mnist in
+    im2col form: per layer the forward ``[B*HW, fan_in] @ [fan_in, fan_out]``, the input
+    gradient ``[B*HW, fan_out] @ [fan_out, fan_in]`` (not for the first layer) and the kernel
+    gradient ``[fan_in, B*HW] @ [B*HW, fan_out]``."""
+    shapes = []
+    for i, (kind, hw, fan_in, fan_out) in enumerate(LAYERS):
+        rows = batch_size * hw
+        name = f"{kind}_{i}"
+        shapes.append((f"{name} forward", rows, fan_in, fan_out))
+        if i:
+            shapes.append((f"{name} input grad", rows, fan_out, fan_in))
+        shapes.append((f"{name} kernel grad", fan_in, rows, fan_out))
+    return shapes
+
+
+def time_gemms(shapes: list[tuple[str, int, int, int]], steps: int) -> float:
+    """ms per step of all ``shapes``' products, one after another in a jitted ``lax.scan``.
+
+    Each product's left operand is carried through the loop and touched in one element that
+    depends on the last product, so XLA can neither hoist a product out of the loop nor
+    shrink it; the products themselves are carried too, so each is computed whole.
+    """
+    key = jax.random.key(0)
+    lhs = [jax.random.normal(key, (m, k)) for _, m, k, _ in shapes]
+    rhs = [jax.random.normal(key, (k, n)) for _, _, k, n in shapes]
+    outs = [jnp.zeros((m, n)) for _, m, _, n in shapes]
+
+    def body(carry, _):
+        lhs, outs = carry
+        outs = [a @ b for a, b in zip(lhs, rhs, strict=True)]
+        lhs = [a.at[0, 0].add(1e-30 * out[0, 0]) for a, out in zip(lhs, outs, strict=True)]
+        return (lhs, outs), None
+
+    run = fc.models.tuned_jit(lambda carry: jax.lax.scan(body, carry, length=steps)[0])
+    carry = jax.block_until_ready(run((lhs, outs)))
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        carry = jax.block_until_ready(run(carry))
+        best = min(best, time.perf_counter() - start)
+    return 1000 * best / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     images, labels = fc.data.load("mnist", "train", source="raw")
+    peak = matmul_peak_gflops()["jax"]
+    step_gflop = train_flops_per_example() * args.batch_size / 1e9
     print(f"backend {jax.default_backend()} ({jax.devices()[0]}), dlwp_mnist, "
-          f"batch {args.batch_size}, {args.steps} steps; auto -> "
+          f"batch {args.batch_size}, {args.steps} steps ({step_gflop:.3f} GFLOP each); "
+          f"fp32 matmul peak {peak:.0f} GFLOP/s (jax, n=2048); auto -> "
           f"{fc.models.resolve_conv_impl('auto', tuned=True)} in tuned_jit, "
           f"{fc.models.resolve_conv_impl('auto', tuned=False)} in jax.jit")
-    print("| conv impl | scan ms/step | python-loop ms/step | compile s |")
-    print("|---|---|---|---|")
+
+    def rate(ms: float) -> str:
+        gflops = step_gflop / (ms / 1000)
+        return f"{gflops:.0f} | {100 * gflops / peak:.0f}%"
+
+    print("| formulation | scan ms/step | GFLOP/s | % of matmul peak | python-loop ms/step "
+          "| compile s |")
+    print("|---|---|---|---|---|---|")
     # Every formulation in the library's tuned jit; xla_nhwc also in a plain jax.jit, where
     # XLA:CPU runs its convolutions on YNNPACK.
     rows = [("xla", True), ("im2col", True), ("xla_nhwc", True), ("xla_nhwc", False)]
     for impl, tuned in rows:
         r = time_impl(impl, tuned, args.steps, args.batch_size, images, np.asarray(labels))
         name = f"{impl} ({'tuned_jit' if tuned else 'jax.jit'})"
-        print(f"| {name} | {r['scan_ms']:.3f} | {r['loop_ms']:.3f} | {r['compile_s']:.1f} |",
-              flush=True)
+        print(f"| {name} | {r['scan_ms']:.3f} | {rate(r['scan_ms'])} | {r['loop_ms']:.3f} "
+              f"| {r['compile_s']:.1f} |", flush=True)
+    shapes = gemm_shapes(args.batch_size)
+    floor_ms = time_gemms(shapes, args.steps)
+    print(f"| GEMMs alone (bound) | {floor_ms:.3f} | {rate(floor_ms)} | - | - |")
+
+    print("\n| GEMM (M x K x N) | ms | GFLOP/s | % of matmul peak |")
+    print("|---|---|---|---|")
+    for name, m, k, n in shapes:
+        ms = time_gemms([(name, m, k, n)], args.steps)
+        gflops = 2 * m * k * n / (ms / 1000) / 1e9
+        print(f"| {name} ({m} x {k} x {n}) | {ms:.3f} | {gflops:.0f} | "
+              f"{100 * gflops / peak:.0f}% |", flush=True)
 
 
 if __name__ == "__main__":
