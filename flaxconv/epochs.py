@@ -12,6 +12,8 @@ has the same shapes, so nothing recompiles after the first call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -20,7 +22,7 @@ import numpy as np
 
 from flaxconv.models.layers import tuned_jit
 from flaxconv.state import TrainState
-from flaxconv.steps import Metrics, eval_step_fn, train_step_fn
+from flaxconv.steps import Batch, Metrics, eval_step_fn, train_step_fn
 
 
 class EpochPlan(NamedTuple):
@@ -92,19 +94,39 @@ def train_epoch_fn(
     return jax.lax.scan(body, state, (indices, mask))
 
 
+def sum_over_batches(
+    batch_sums: Callable[[Batch], Metrics],
+    images: jax.Array,
+    labels: jax.Array,
+    indices: jax.Array,
+    mask: jax.Array,
+) -> Metrics:
+    """``batch_sums`` of every batch, added up in one ``lax.scan``; pure, not jitted.
+
+    Args:
+      batch_sums: a batch dict (``image``, ``label``, ``mask``: see :func:`gather_batch`)
+        -> a pytree of arrays in which the padding rows (``mask`` False) count zero.
+      images: ``[N, H, W, C]``; labels: int32 ``[N]``.
+      indices: int32 ``[S, B]``, the examples of each batch; mask: bool ``[S, B]``.
+
+    Returns:
+      The pytree of ``batch_sums`` summed over the ``S`` batches.
+    """
+
+    def body(total, xs):
+        sums = batch_sums(gather_batch(images, labels, *xs))
+        return jax.tree.map(jnp.add, total, sums), None
+
+    first = jax.eval_shape(batch_sums, gather_batch(images, labels, indices[0], mask[0]))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+    return jax.lax.scan(body, zeros, (indices, mask))[0]
+
+
 def evaluate_fn(
     state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array
 ) -> Metrics:
     """Summed :func:`flaxconv.steps.eval_step_fn` metrics over all batches; pure."""
-
-    def body(total, xs):
-        idx, m = xs
-        sums = eval_step_fn(state, gather_batch(images, labels, idx, m))
-        return jax.tree.map(jnp.add, total, sums), None
-
-    first = jax.eval_shape(eval_step_fn, state, gather_batch(images, labels, indices[0], mask[0]))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
-    return jax.lax.scan(body, zeros, (indices, mask))[0]
+    return sum_over_batches(partial(eval_step_fn, state), images, labels, indices, mask)
 
 
 #: :func:`train_epoch_fn` as a top-level tuned jit (the CPU's fastest convolutions, see

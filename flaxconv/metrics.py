@@ -259,16 +259,11 @@ def compute(sums: dict[str, Any], spec: Spec) -> dict[str, Any]:
 
 @partial(tuned_jit, static_argnames="spec")
 def _evaluate_arrays(state, images, labels, indices, mask, spec):
-    def body(total, xs):
-        idx, m = xs
-        batch = ep.gather_batch(images, labels, idx, m)
-        sums = stats_fn(predict_fn(state, batch["image"]), batch["label"], m, spec=spec)
-        return jax.tree.map(jnp.add, total, sums), None
+    def batch_stats(batch):
+        logits = predict_fn(state, batch["image"])
+        return stats_fn(logits, batch["label"], batch["mask"], spec=spec)
 
-    logits = jax.eval_shape(predict_fn, state, images[indices[0]])
-    first = jax.eval_shape(partial(stats_fn, spec=spec), logits, labels[indices[0]], mask[0])
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
-    return jax.lax.scan(body, zeros, (indices, mask))[0]
+    return ep.sum_over_batches(batch_stats, images, labels, indices, mask)
 
 
 def num_classes(state: TrainState) -> int:

@@ -45,7 +45,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxconv import optim, parallel
-from flaxconv.epochs import EpochPlan, epoch_plan, evaluate_fn, gather_batch, train_epoch_fn
+from flaxconv.epochs import EpochPlan, epoch_plan, evaluate_fn, sum_over_batches, train_epoch_fn
 from flaxconv.models.layers import resolve_conv_impl, tuned_jit
 from flaxconv.state import TrainState, create_train_state
 from flaxconv.steps import Batch, Metrics, check_batch, loss_fn, predict_fn, summarize
@@ -419,22 +419,18 @@ def ensemble_evaluate_fn(
     log-likelihood of the ensemble's probabilities, the prediction their argmax.
     """
 
-    def body(total, xs):
-        idx, m = xs
-        batch = gather_batch(images, labels, idx, m)
+    def batch_sums(batch):
         imgs, lbls, msk = check_batch(states, batch)
         log_probs = ensemble_log_probs_fn(states, imgs)
         losses = -jnp.take_along_axis(log_probs, lbls[:, None], axis=-1)[:, 0]
         correct = (jnp.argmax(log_probs, -1) == lbls).astype(jnp.float32)
-        sums = {
+        return {
             "loss_sum": jnp.sum(losses * msk),
             "correct": jnp.sum(correct * msk),
             "count": jnp.sum(msk),
         }
-        return jax.tree.map(jnp.add, total, sums), None
 
-    zeros = {name: jnp.zeros((), jnp.float32) for name in ("loss_sum", "correct", "count")}
-    return jax.lax.scan(body, zeros, (indices, mask))[0]
+    return sum_over_batches(batch_sums, images, labels, indices, mask)
 
 
 _ensemble_evaluate = jax.jit(ensemble_evaluate_fn)
