@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--model", default="dlwp_mnist")
     p.add_argument("--conv-impl", default="auto", choices=fc.models.CONV_IMPLS)
+    p.add_argument("--dtype", default="float32",
+                   help="computation dtype of every model, e.g. bfloat16 (params stay float32)")
     p.add_argument("--repeats", type=int, default=1, help="timed epochs per setting")
     p.add_argument("--vmap-size", type=int, default=None,
                    help="members vmapped side by side (default: per backend, see "
@@ -73,6 +75,10 @@ def parse_args(argv=None):
         p.error(f"--ks {args.ks!r}: expected positive integers separated by commas")
     if min(args.ks) < 1 or args.repeats < 1 or args.batch_size < 1 or args.train_examples < 0:
         p.error("--ks, --repeats and --batch-size must be >= 1, --train-examples >= 0")
+    try:
+        fc.models.convstack.compute_dtype(args.dtype)
+    except ValueError as e:
+        p.error(f"--dtype: {e}")
     return args
 
 
@@ -96,12 +102,13 @@ def main(argv=None) -> int:
         train_labels = train_labels[: args.train_examples]
     images, labels = jax.device_put((train_images, train_labels))
     plan = epoch_plan(len(labels), args.batch_size)
-    model = fc.models.get(args.model, conv_impl=args.conv_impl)
+    model = fc.models.get(args.model, conv_impl=args.conv_impl, dtype=args.dtype)
     tx = fc.optim.make(args.optimizer, learning_rate=args.learning_rate)
     full = len(labels) == 60_000
     single_impl = fc.models.resolve_conv_impl(args.conv_impl, tuned=True)
     vmap_sizes = {k: pop.resolve_vmap_size(args.vmap_size, k) for k in args.ks}
-    print(f"{args.model} (single model: {single_impl} convs; members vmapped side by side, "
+    print(f"{args.model} in {args.dtype} (single model: {single_impl} convs; members vmapped "
+          f"side by side, "
           f"per K: {vmap_sizes}), "
           f"{args.optimizer} {args.learning_rate:g}, batch {args.batch_size}, {len(labels)} "
           f"examples = {plan.steps} steps/epoch, {jax.device_count()} "
@@ -179,7 +186,8 @@ def main(argv=None) -> int:
         + ("run one after another." if args.measure_separate else
            "extrapolated as K x the measured single-model epoch."),
         f"{len(labels)} training examples, batch {args.batch_size}, {args.optimizer} "
-        f"{args.learning_rate:g}, {args.model}; compile excluded from epoch times "
+        f"{args.learning_rate:g}, {args.model} computing in {args.dtype}; compile excluded "
+        "from epoch times "
         f"(AOT), mean of {args.repeats} epoch(s).",
     ]
     if accuracy is not None:
