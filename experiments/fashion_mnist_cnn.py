@@ -13,7 +13,6 @@ Writes <workdir>/fashion_cnn/ and <workdir>/dense/ (each a full run: checkpoints
 curves) and <workdir>/results.json: test_accuracy is the CNN's, with the baseline's beside it.
 """
 
-import json
 import math
 import os
 import sys
@@ -22,6 +21,7 @@ import optax
 
 from flaxconv import optim
 from flaxconv.experiment import cli, default_config, load_datasets, train_and_evaluate
+from flaxconv.fit import write_json
 
 SCHEDULES = ("onecycle", "cosine", "constant")
 
@@ -83,8 +83,7 @@ def run(config):
             for k in ("test_accuracy", "test_loss", "num_params", "train_seconds", "history")
         }
         results["baseline"]["model"] = config.baseline
-    with open(os.path.join(config.workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(os.path.join(config.workdir, "results.json"), results)
     return results
 
 

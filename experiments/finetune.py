@@ -35,6 +35,7 @@ from flax import traverse_util
 import flaxconv as fc
 from flaxconv import data, finetune, viz
 from flaxconv.experiment import cli
+from flaxconv.fit import make_workdir
 
 TARGETS = ("sign_language_mnist", "fashion_mnist", "mnist")
 
@@ -119,7 +120,7 @@ def unchanged(before: dict, state, layers) -> bool:
 
 
 def run(config) -> dict:
-    os.makedirs(config.workdir, exist_ok=True)
+    make_workdir(config.workdir)
     start = time.perf_counter()
     train, test = load_target(config, "train"), load_target(config, "test")
     num_classes = (

@@ -16,7 +16,6 @@ ensemble's test accuracy, and writes ``<workdir>/results.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -32,7 +31,7 @@ from flaxconv import data
 from flaxconv import population as pop
 from flaxconv.epochs import epoch_plan
 from flaxconv.experiment import report_errors
-from flaxconv.fit import data_order_key
+from flaxconv.fit import data_order_key, make_workdir, write_json
 from flaxconv.steps import summarize
 
 
@@ -155,6 +154,7 @@ def _spread(values: np.ndarray) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Trains the population described by ``config``; returns the results it writes."""
+    make_workdir(config.workdir)
     train_images, train_labels = data.load(config.dataset, "train", source=config.data_source)
     test_images, test_labels = data.load(config.dataset, "test", source=config.data_source)
     if config.train_examples:
@@ -241,11 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "backend": jax.default_backend(),
         "config": config.to_dict(),
     }
-    os.makedirs(config.workdir, exist_ok=True)
     path = os.path.join(config.workdir, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, results)
     print(f"wrote {path}")
     return results
 

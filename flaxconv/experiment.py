@@ -22,7 +22,13 @@ import numpy as np
 import flaxconv as fc
 from flaxconv import data, parallel, viz
 from flaxconv import metrics as metrics_lib
-from flaxconv.fit import IncompatibleWorkdirError, NonFiniteLossError, fit, write_json
+from flaxconv.fit import (
+    IncompatibleWorkdirError,
+    NonFiniteLossError,
+    fit,
+    make_workdir,
+    write_json,
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -98,20 +104,21 @@ def train_and_evaluate(
     ``callbacks`` for ``fit``.
     """
     parallel.initialize()  # a multi-process run when JAX_COORDINATOR_ADDRESS etc. are set
+    # What needs no data is checked before the (possibly long) dataset preparation.
+    make_workdir(config.workdir)
+    if tx is None:
+        tx = fc.optim.make(config.optimizer, learning_rate=config.learning_rate)
     if datasets is None:
         datasets = load_datasets(config)
     train = datasets.train
     test_images, test_labels = datasets.test
     if model is None:
         model = fc.models.get(config.model, num_classes=datasets.num_classes, dtype=config.dtype)
-    if tx is None:
-        tx = fc.optim.make(config.optimizer, learning_rate=config.learning_rate)
     sample = next(iter(train(0)))["image"][:1] if callable(train) else train[0][:1]
     state = fc.create_train_state(jax.random.key(config.seed), model, tx, sample)
     if config.verbose != "silent":
         print(viz.summary(state), flush=True)
 
-    os.makedirs(config.workdir, exist_ok=True)
     start = time.perf_counter()
     state, history = fit(
         state,

@@ -59,6 +59,7 @@ __all__ = [
     "check_labels",
     "data_order_key",
     "fit",
+    "make_workdir",
     "num_classes",
     "run_config",
 ]
@@ -203,6 +204,28 @@ def replace_file(path: str, write: Callable[[str], Any]) -> None:
     tmp = f"{root}.tmp{ext}"
     write(tmp)
     os.replace(tmp, path)
+
+
+def make_workdir(workdir: str | os.PathLike) -> str:
+    """Creates ``workdir`` (and its parents) unless it exists; returns it as a str.
+
+    Raises:
+      ValueError: it cannot be a directory (a file in the way, no permission, ...), naming
+        the path and the reason.
+    """
+    workdir = os.fspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(
+            f"workdir={workdir!r} is a file; expected a directory (created if missing)"
+        )
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"workdir={workdir!r} cannot be created as a directory: "
+            f"{error.strerror or error} ({error.filename or workdir})"
+        ) from error
+    return workdir
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -388,8 +411,7 @@ def fit(
     checkpoints = None
     try:
         if workdir is not None:
-            workdir = os.fspath(workdir)
-            os.makedirs(workdir, exist_ok=True)
+            workdir = make_workdir(workdir)
             _check_config(workdir, run_config(state, {"batch_size": batch_size, **(config or {})}))
             checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=2)
             had_checkpoints = bool(checkpoints.epochs())
@@ -401,7 +423,12 @@ def fit(
                 history = {k: list(v) for k, v in meta.get("history", {}).items()}
                 _load_callback_states(callbacks, meta.get("callbacks", []))
                 if verbose != "silent":
-                    done = "stopped by a callback" if stopped else f"{start_epoch}/{epochs} done"
+                    if stopped:
+                        done = "stopped by a callback"
+                    elif start_epoch >= epochs:
+                        done = f"{start_epoch} done, epochs={epochs}: nothing left to train"
+                    else:
+                        done = f"{start_epoch}/{epochs} done"
                     print(f"Resuming from {checkpoints.directory}/{start_epoch - 1} "
                           f"(epoch {done})", flush=True)
             elif had_checkpoints:

@@ -138,6 +138,14 @@ def test_workdir_of_another_model_is_refused(tmp_path):
     assert os.listdir(tmp_path / "checkpoints") == ["0"]  # left as it was
 
 
+def test_workdir_that_is_a_file_is_refused_by_name(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("kept")
+    with pytest.raises(ValueError, match=r"workdir='.*notes.txt' is a file; expected a directory"):
+        fit(epochs=1, workdir=notes)
+    assert notes.read_text() == "kept"
+
+
 @needs_mnist
 def test_cli_refuses_an_incompatible_workdir_in_one_line(tmp_path, capsys):
     common = ["--data-source", "raw", "--train-examples", "64", "--batch-size", "32",

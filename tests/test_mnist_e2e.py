@@ -43,3 +43,16 @@ def test_unknown_dataset_is_one_readable_line(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "no_such_dataset" in lines[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_workdir_that_is_a_file_is_one_readable_line_before_any_work(tmp_path):
+    in_the_way = tmp_path / "runs"
+    in_the_way.write_text("my notes")
+    command = [sys.executable, str(ROOT / "experiments" / "mnist_convnet.py"),
+               "--workdir", str(in_the_way / "mnist")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: workdir='{in_the_way}/mnist'")
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""  # failed before loading data or printing the model
+    assert in_the_way.read_text() == "my notes"
