@@ -238,6 +238,58 @@ def test_max_pool_gradient_goes_to_the_first_maximum():
     np.testing.assert_array_equal(ties, expected)
 
 
+def _pool_of_relu_by_loops(x, window):
+    """TensorFlow's relu -> MaxPool, values and the gradient of their sum, window by window."""
+    n, h, w, c = x.shape
+    y = np.zeros((n, h // window, w // window, c), np.float32)
+    grad = np.zeros_like(x)
+    for b, i, j, ch in np.ndindex(y.shape):
+        block = np.maximum(x[b, i * window:(i + 1) * window, j * window:(j + 1) * window, ch], 0)
+        first = int(np.argmax(block))  # the first maximum in row-major order
+        r, s = i * window + first // window, j * window + first % window
+        y[b, i, j, ch] = block.flat[first]
+        grad[b, r, s, ch] = float(x[b, r, s, ch] > 0)  # relu's gradient at 0 is 0
+    return y, grad
+
+
+@pytest.mark.parametrize("shape, window", [((2, 7, 9, 3), 2), ((2, 6, 6, 2), 3)])
+def test_max_pool_with_relu_is_pool_of_relu_with_tensorflows_gradient(shape, window):
+    # Rounded to 0.5: many ties, zeros and all-negative windows.
+    x = np.round(2 * np.random.default_rng(0).normal(size=shape)).astype(np.float32) / 2
+    expected_y, expected_grad = _pool_of_relu_by_loops(x, window)
+    y = fc.models.max_pool(jnp.asarray(x), window, relu=True)
+    grad = jax.grad(lambda x: fc.models.max_pool(x, window, relu=True).sum())(jnp.asarray(x))
+    np.testing.assert_array_equal(y, expected_y)
+    np.testing.assert_array_equal(grad, expected_grad)
+    np.testing.assert_array_equal(y, fc.models.max_pool(jax.nn.relu(jnp.asarray(x)), window))
+
+
+@pytest.mark.parametrize("name", ["dlwp_mnist", "fashion_cnn"])
+def test_trimmed_training_pass_has_the_untrimmed_logits_and_gradients(name):
+    images = jnp.asarray(random_batch(8)["image"], jnp.float32) / 255
+    trimmed, full = fc.models.get(name), fc.models.get(name, trim=False)
+    assert trimmed.used_input_size(28, 28) == (26, 26)  # conv_1's 11x11 map pools to 5x5
+    variables = full.init(jax.random.key(0), images, train=False)
+
+    def logits_and_gradients(model):
+        def loss(params):
+            return jnp.sum(jnp.sin(model.apply({"params": params}, images, train=True)))
+
+        return model.apply(variables, images, train=True), jax.grad(loss)(variables["params"])
+
+    chex.assert_trees_all_close(
+        logits_and_gradients(trimmed), logits_and_gradients(full), atol=2e-5, rtol=2e-5
+    )
+
+
+def test_trim_leaves_inputs_whole_where_every_pixel_counts():
+    assert fc.models.get("dlwp_mnist").used_input_size(30, 29) == (30, 26)
+    assert fc.models.get("dlwp_mnist", batch_norm=True).used_input_size(28, 28) == (28, 28)
+    assert fc.models.get("dlwp_mnist", padding="SAME").used_input_size(28, 28) == (28, 28)
+    assert fc.models.get("dense").used_input_size(28, 28) == (28, 28)
+    assert fc.models.get("dlwp_mnist").used_input_size(9, 9) == (9, 9)  # too small to pool
+
+
 def test_conv_impls_share_parameters_and_auto_resolves_per_backend():
     state = make_state(conv_impl="xla")
     images = random_batch(4)["image"]

@@ -57,6 +57,13 @@ class ConvStack(nn.Module):
       augment: layers called as ``layer(x, train=train)`` on the float32 input before
         ``conv_0``, e.g. ``flaxconv.augment.RandomRotation(0.05)``; the random ones draw
         from the ``"augment"`` rng and are the identity when ``train=False``.
+      trim: with ``train=True``, compute only the rows and columns that reach the logits
+        (:meth:`used_input_size`): a 2x2 pool drops the last row and column of an odd map,
+        so everything that only feeds them is dead work. For ``dlwp_mnist`` the input is
+        cropped to its top-left 26x26 and conv_1 computes 10x10 instead of 11x11, 13% fewer
+        FLOPs per step. The logits and gradients are the untrimmed ones (to float32
+        rounding). Evaluation, summaries and feature maps (``train=False``) always see the
+        full maps, as in Keras.
     """
 
     features: Sequence[int] = (32, 64, 128)
@@ -72,6 +79,7 @@ class ConvStack(nn.Module):
     kernel_init: str = "glorot_uniform"
     dtype: Any = None
     augment: Sequence[nn.Module] = ()
+    trim: bool = True
 
     def pool_after(self) -> tuple[bool, ...]:
         if self.pool is None:
@@ -82,6 +90,34 @@ class ConvStack(nn.Module):
                 f"({len(self.features)})"
             )
         return tuple(bool(p) for p in self.pool)
+
+    def used_input_size(self, height: int, width: int) -> tuple[int, int]:
+        """The top-left ``(rows, columns)`` of a ``height x width`` input that reach the logits.
+
+        A "VALID" conv needs ``kernel - 1`` more rows than it outputs and a pool exactly
+        ``2x`` its output, so walking back from the last layer gives the rows in use; they
+        are the top-left ones because every layer is anchored there. With BatchNorm (whose
+        batch statistics cover every position), other paddings, or an input too small for
+        the stack, every pixel counts and ``(height, width)`` comes back.
+        """
+        if self.batch_norm or not (isinstance(self.padding, str)
+                                   and self.padding.upper() == "VALID"):
+            return height, width
+        return tuple(
+            self._used_rows(size, k) for size, k in zip((height, width), self.kernel_size,
+                                                          strict=True)
+        )
+
+    def _used_rows(self, size: int, kernel: int) -> int:
+        pools = self.pool_after()
+        out = size
+        for pool in pools:
+            out = (out - kernel + 1) // (2 if pool else 1)
+            if out < 1:
+                return size
+        for pool in reversed(pools):
+            out = out * (2 if pool else 1) + kernel - 1
+        return out
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -95,6 +131,9 @@ class ConvStack(nn.Module):
         dtype = compute_dtype(self.dtype)
         for layer in self.augment:
             x = layer(x, train=train)
+        if train and self.trim:
+            rows, columns = self.used_input_size(x.shape[1], x.shape[2])
+            x = x[:, :rows, :columns]
         x = x.astype(dtype)
         for i, (width, pool) in enumerate(zip(self.features, self.pool_after(), strict=True)):
             x = Conv(
@@ -115,9 +154,10 @@ class ConvStack(nn.Module):
                     dtype=dtype,
                     name=f"bn_{i}",
                 )(x)
-            x = nn.relu(x)
             if pool:
-                x = MaxPool(2, name=f"pool_{i}")(x)
+                x = MaxPool(2, relu=True, name=f"pool_{i}")(x)
+            else:
+                x = nn.relu(x)
         x = Flatten(name="flatten")(x)
         for j, width in enumerate(self.hidden):
             x = nn.relu(self._dense(width, f"dense_{j}")(x))
