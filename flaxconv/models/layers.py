@@ -350,10 +350,10 @@ def _max_pool_bwd(window, relu, residuals, dy):
         # The relu's gradient at the window's maximum: whether the pooled output is positive.
         dy = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype))
     n, oh, ow, c = y.shape
-    shape = (n, oh, window, ow, window, c)
-    order = (lax.broadcasted_iota(position.dtype, shape, 2) * window
-             + lax.broadcasted_iota(position.dtype, shape, 4))
-    at_max = position[:, :, None, :, None, :] == order
+    # A window-sized table, broadcast inside the fusion: a full-size iota would be hoisted
+    # out of the training loop and read back from memory at every step.
+    order = jnp.arange(window * window, dtype=position.dtype).reshape(window, window)
+    at_max = position[:, :, None, :, None, :] == order[:, None, :, None]
     dx = jnp.where(at_max, dy[:, :, None, :, None, :], jnp.zeros((), dy.dtype))
     return (dx.reshape(n, oh * window, ow * window, c),)
 
