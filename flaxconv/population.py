@@ -294,7 +294,7 @@ def train_population_epoch_fn(
     def member_epoch(state, member_indices):
         return train_epoch_fn(state, images, labels, member_indices, mask)
 
-    if size == k:
+    if size == k and k > 1:  # one member alone runs the unbatched step, like a lone model
         vmapped = states.replace(model=_vmapped_model(states.model))
         run = jax.vmap(member_epoch, in_axes=(0, 0 if per_member else None))
         new, sums = run(vmapped, indices)

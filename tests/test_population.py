@@ -128,6 +128,19 @@ def test_shared_order_equals_solo_and_vmapped_train_step_works(trained):
     close(pop.select_member(states, 0).params, solo.params)
 
 
+def test_a_one_member_population_trains_like_the_model_alone():
+    # A lone member runs the unbatched step (on CPU: not the vmapped formulation).
+    images, labels = synthetic(480)
+    plan = epoch_plan(len(labels), 16)
+    init = pop.create_population(pop.keys_from_seeds(SEEDS[:1]), MODEL, TX, images[:1])
+    indices = pop.population_indices(plan, jax.random.key(5))
+    states, sums = pop.train_population_epoch(jax.tree.map(jnp.copy, init), images, labels,
+                                              indices, plan.mask)
+    solo, solo_sums = solo_epoch(pop.select_member(init, 0), images, labels, indices, plan.mask)
+    close(pop.select_member(states, 0).params, solo.params)
+    close({k: v[0] for k, v in sums.items()}, solo_sums, tol=1e-4)
+
+
 @pytest.mark.parametrize("vmap_size", [1, 2, 3])
 def test_members_vmapped_or_taking_turns_train_alike(trained, vmap_size):
     # All vmapped (3), in vmapped groups that take turns (2: groups of 2 and 1), or one
