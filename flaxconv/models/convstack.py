@@ -30,6 +30,10 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
     return resolved
 
 
+#: Window and stride of every pool in a ConvStack.
+POOL_WINDOW = 2
+
+
 class ConvStack(nn.Module):
     """Conv blocks, then a dense head: the shape of every textbook convnet.
 
@@ -95,10 +99,10 @@ class ConvStack(nn.Module):
         """The top-left ``(rows, columns)`` of a ``height x width`` input that reach the logits.
 
         A "VALID" conv needs ``kernel - 1`` more rows than it outputs and a pool exactly
-        ``2x`` its output, so walking back from the last layer gives the rows in use; they
-        are the top-left ones because every layer is anchored there. With BatchNorm (whose
-        batch statistics cover every position), other paddings, or an input too small for
-        the stack, every pixel counts and ``(height, width)`` comes back.
+        ``POOL_WINDOW`` times its output, so walking back from the last layer gives the rows
+        in use; they are the top-left ones because every layer is anchored there. With
+        BatchNorm (whose batch statistics cover every position), other paddings, or an input
+        too small for the stack, every pixel counts and ``(height, width)`` comes back.
         """
         if self.batch_norm or not (isinstance(self.padding, str)
                                    and self.padding.upper() == "VALID"):
@@ -112,11 +116,11 @@ class ConvStack(nn.Module):
         pools = self.pool_after()
         out = size
         for pool in pools:
-            out = (out - kernel + 1) // (2 if pool else 1)
+            out = (out - kernel + 1) // (POOL_WINDOW if pool else 1)
             if out < 1:
                 return size
         for pool in reversed(pools):
-            out = out * (2 if pool else 1) + kernel - 1
+            out = out * (POOL_WINDOW if pool else 1) + kernel - 1
         return out
 
     @nn.compact
@@ -155,7 +159,7 @@ class ConvStack(nn.Module):
                     name=f"bn_{i}",
                 )(x)
             if pool:
-                x = MaxPool(2, relu=True, name=f"pool_{i}")(x)
+                x = MaxPool(POOL_WINDOW, relu=True, name=f"pool_{i}")(x)
             else:
                 x = nn.relu(x)
         x = Flatten(name="flatten")(x)
