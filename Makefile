@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 # Offline datasets: use ../shared/datasets when it sits beside the clone, else tfds downloads.
-FLAXCONV_DATA_DIR ?= $(abspath $(wildcard ../shared/datasets))
+# A given folder is made absolute, so it means the same in every working directory.
+FLAXCONV_DATA_DIR := $(abspath $(or $(FLAXCONV_DATA_DIR),$(wildcard ../shared/datasets)))
 export FLAXCONV_DATA_DIR
 
 .PHONY: setup mnist test lint bench
