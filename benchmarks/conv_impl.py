@@ -5,7 +5,8 @@
 
 Times the dlwp_mnist training step with each formulation — XLA's convolution with JAX's
 gradients, XLA's convolution with every gradient as a forward NHWC convolution
-(``xla_nhwc``), and im2col (shifted slices + one matmul) — each (a) as one jitted
+(``xla_nhwc``), ``winograd`` (conv_1 -> relu -> pool as one Winograd F(2x2, 3x3) block, the
+other layers as ``xla_nhwc``), and im2col (shifted slices + one matmul) — each (a) as one jitted
 ``lax.scan`` over ``--steps`` batches, the device-resident epoch, and (b) as a Python loop
 of jitted steps; prints ms/step, the achieved GFLOP/s (the model's training FLOPs, as in
 ``mnist_speed.py``) and its share of the fp32 matmul peak measured in the same run, and the
@@ -13,22 +14,31 @@ share counting only the FLOPs executed (every formulation trains trimmed: ``Conv
 ``xla_nhwc`` runs twice: in ``fc.models.tuned_jit`` (the library's ``COMPILER_OPTIONS``)
 and in a plain ``jax.jit`` (XLA:CPU's defaults, convolutions on YNNPACK).
 
-The last row, "GEMMs alone", is a bound rather than a formulation: the step's eleven matrix
-products at their im2col shapes as trained (trimmed; forward, input gradient and kernel
-gradient of every layer; no input gradient for the first), one after another in a
-``lax.scan``, with nothing else — no patches, activations, pooling, loss or optimizer. No
-formulation built on these GEMMs can beat it; a second table times each GEMM alone.
+The last rows, "GEMMs alone", are bounds rather than formulations: the step's matrix
+products, one after another in a ``lax.scan``, with nothing else — no patches, transforms,
+activations, pooling, loss or optimizer. "direct": the eleven products at their im2col
+shapes as trained (trimmed; forward, input gradient and kernel gradient of every layer; no
+input gradient for the first), the bound of xla_nhwc and im2col; "winograd": conv_1's three
+replaced by its 48 Winograd products. No formulation built on these GEMMs can beat its
+bound; a second table times each distinct GEMM alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from mnist_speed import TRIMMED_LAYERS, matmul_peak_gflops, train_flops_per_example
+from mnist_speed import (
+    TRIMMED_LAYERS,
+    WINOGRAD_LAYERS,
+    load_mnist,
+    matmul_peak_gflops,
+    train_flops_per_example,
+)
 
 import flaxconv as fc
 from flaxconv import epochs as ep
@@ -75,16 +85,19 @@ def gemm_shapes(batch_size: int, layers=TRIMMED_LAYERS) -> list[tuple[str, int, 
     """``(name, M, K, N)`` of every matrix product of one training step of dlwp_mnist in
     im2col form: per layer the forward ``[B*HW, fan_in] @ [fan_in, fan_out]``, the input
     gradient ``[B*HW, fan_out] @ [fan_out, fan_in]`` (not for the first layer) and the kernel
-    gradient ``[fan_in, B*HW] @ [B*HW, fan_out]``. ``layers`` as in ``mnist_speed``: by
-    default the trimmed ones that flaxconv trains."""
+    gradient ``[fan_in, B*HW] @ [B*HW, fan_out]``. A "winograd" layer (3x3 kernels) has 16
+    of each, one per entry of the 4x4 transformed tile, with ``B*HW/4`` tiles and ``C_in``
+    for ``fan_in``. ``layers`` as in ``mnist_speed``: by default the trimmed ones."""
     shapes = []
     for i, (kind, hw, fan_in, fan_out) in enumerate(layers):
-        rows = batch_size * hw
+        rows, copies = batch_size * hw, 1
+        if kind == "winograd":
+            rows, fan_in, copies = rows // 4, fan_in // 9, 16
         name = f"{kind}_{i}"
-        shapes.append((f"{name} forward", rows, fan_in, fan_out))
+        shapes += [(f"{name} forward", rows, fan_in, fan_out)] * copies
         if i:
-            shapes.append((f"{name} input grad", rows, fan_out, fan_in))
-        shapes.append((f"{name} kernel grad", fan_in, rows, fan_out))
+            shapes += [(f"{name} input grad", rows, fan_out, fan_in)] * copies
+        shapes += [(f"{name} kernel grad", fan_in, rows, fan_out)] * copies
     return shapes
 
 
@@ -121,40 +134,51 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
-    images, labels = fc.data.load("mnist", "train", source="raw")
+    try:
+        (images, labels), _ = load_mnist()
+    except fc.data.DatasetUnavailableError as error:
+        sys.exit(f"conv_impl.py: {error}")
     peak = matmul_peak_gflops()["jax"]
     step_gflop = train_flops_per_example() * args.batch_size / 1e9
-    executed_gflop = train_flops_per_example(TRIMMED_LAYERS) * args.batch_size / 1e9
+    layers = {"direct": TRIMMED_LAYERS, "winograd": WINOGRAD_LAYERS}
+    executed_gflop = {name: train_flops_per_example(shapes) * args.batch_size / 1e9
+                      for name, shapes in layers.items()}
     print(f"backend {jax.default_backend()} ({jax.devices()[0]}), dlwp_mnist, "
           f"batch {args.batch_size}, {args.steps} steps ({step_gflop:.3f} GFLOP each, "
-          f"{executed_gflop:.3f} executed); "
+          f"{executed_gflop['direct']:.3f} executed, {executed_gflop['winograd']:.3f} with "
+          f"Winograd); "
           f"fp32 matmul peak {peak:.0f} GFLOP/s (jax, n=2048); auto -> "
           f"{fc.models.resolve_conv_impl('auto', tuned=True)} in tuned_jit, "
           f"{fc.models.resolve_conv_impl('auto', tuned=False)} in jax.jit")
 
-    def rate(ms: float) -> str:
+    def rate(ms: float, executed: str) -> str:
         gflops = step_gflop / (ms / 1000)
-        executed = executed_gflop / (ms / 1000)
-        return f"{gflops:.0f} | {100 * gflops / peak:.0f}% | {100 * executed / peak:.0f}%"
+        executed_gflops = executed_gflop[executed] / (ms / 1000)
+        return (f"{gflops:.0f} | {100 * gflops / peak:.0f}% | "
+                f"{100 * executed_gflops / peak:.0f}%")
 
     print("| formulation | scan ms/step | GFLOP/s | % of matmul peak | (executed FLOPs) "
           "| python-loop ms/step | compile s |")
     print("|---|---|---|---|---|---|---|")
     # Every formulation in the library's tuned jit; xla_nhwc also in a plain jax.jit, where
     # XLA:CPU runs its convolutions on YNNPACK.
-    rows = [("xla", True), ("im2col", True), ("xla_nhwc", True), ("xla_nhwc", False)]
+    rows = [("xla", True), ("im2col", True), ("xla_nhwc", True), ("winograd", True),
+            ("xla_nhwc", False)]
     for impl, tuned in rows:
         r = time_impl(impl, tuned, args.steps, args.batch_size, images, np.asarray(labels))
         name = f"{impl} ({'tuned_jit' if tuned else 'jax.jit'})"
-        print(f"| {name} | {r['scan_ms']:.3f} | {rate(r['scan_ms'])} | {r['loop_ms']:.3f} "
-              f"| {r['compile_s']:.1f} |", flush=True)
-    shapes = gemm_shapes(args.batch_size)
-    floor_ms = time_gemms(shapes, args.steps)
-    print(f"| GEMMs alone (bound) | {floor_ms:.3f} | {rate(floor_ms)} | - | - |")
+        executed = "winograd" if impl == "winograd" else "direct"
+        print(f"| {name} | {r['scan_ms']:.3f} | {rate(r['scan_ms'], executed)} | "
+              f"{r['loop_ms']:.3f} | {r['compile_s']:.1f} |", flush=True)
+    for name, shapes in layers.items():
+        floor_ms = time_gemms(gemm_shapes(args.batch_size, shapes), args.steps)
+        print(f"| GEMMs alone, {name} (bound) | {floor_ms:.3f} | {rate(floor_ms, name)} "
+              "| - | - |", flush=True)
 
     print("\n| GEMM (M x K x N) | ms | GFLOP/s | % of matmul peak |")
     print("|---|---|---|---|")
-    for name, m, k, n in shapes:
+    distinct = gemm_shapes(args.batch_size) + gemm_shapes(args.batch_size, WINOGRAD_LAYERS)
+    for name, m, k, n in dict.fromkeys(distinct):
         ms = time_gemms([(name, m, k, n)], args.steps)
         gflops = 2 * m * k * n / (ms / 1000) / 1e9
         print(f"| {name} ({m} x {k} x {n}) | {ms:.3f} | {gflops:.0f} | "

@@ -13,9 +13,10 @@ warm-up epoch on a copy of the state precedes the timed ones; for the peers, it 
 epoch minus a steady one. Achieved
 GFLOP/s counts the model's training FLOPs (forward + backward, from the layer shapes) against
 the fp32 matmul peak measured in the same run, the same FLOPs for every peer. flaxconv skips
-the rows and columns that the pools drop (``ConvStack.trim``, 13% of them), so the column
-"(executed FLOPs)" gives its share of the peak counting only the FLOPs it performs. The
-table goes to stdout and, as JSON and Markdown, to ``--out``.
+the rows and columns that the pools drop (``ConvStack.trim``, 13% of them) and, on CPU, runs
+conv_1 as Winograd's F(2x2, 3x3) (4/9 of its multiply-adds), so the column "(executed
+FLOPs)" gives its share of the peak counting only the matmul FLOPs it performs. The table
+goes to stdout and, as JSON and Markdown, to ``--out``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ LAYERS = [("conv", 26 * 26, 3 * 3 * 1, 32), ("conv", 11 * 11, 3 * 3 * 32, 64),
 # computes 24x24 and conv_1 10x10.
 TRIMMED_LAYERS = [("conv", 24 * 24, 3 * 3 * 1, 32), ("conv", 10 * 10, 3 * 3 * 32, 64),
                   ("conv", 3 * 3, 3 * 3 * 64, 128), ("dense", 1, 1152, 10)]
+# As flaxconv trains them on CPU (conv_impl "winograd"): conv_1 -> relu -> pool is one
+# Winograd F(2x2, 3x3) block, 16 products per 2x2 output tile and channel pair where the
+# direct convolution has 4 * 9 = 36, in the forward pass and in both gradients.
+WINOGRAD_LAYERS = [TRIMMED_LAYERS[0], ("winograd", *TRIMMED_LAYERS[1][1:]), *TRIMMED_LAYERS[2:]]
+WINOGRAD_MACS_FRACTION = 16 / 36
 
 
 def train_flops_per_example(layers: list[tuple[str, int, int, int]] = LAYERS) -> float:
@@ -51,11 +57,23 @@ def train_flops_per_example(layers: list[tuple[str, int, int, int]] = LAYERS) ->
     (none for the first layer, whose input is data).
 
     With the default ``LAYERS`` these are the model's FLOPs, the same for every peer and
-    the numerator of every "% of matmul peak"; ``TRIMMED_LAYERS`` gives what flaxconv
-    executes.
+    the numerator of every "% of matmul peak"; ``TRIMMED_LAYERS`` and ``WINOGRAD_LAYERS``
+    give the matmul FLOPs that flaxconv executes (the Winograd transforms' additions, under
+    2% of them, are not counted).
     """
-    macs = [hw * fan_in * fan_out for _, hw, fan_in, fan_out in layers]
+    macs = [hw * fan_in * fan_out * (WINOGRAD_MACS_FRACTION if kind == "winograd" else 1)
+            for kind, hw, fan_in, fan_out in layers]
     return 2.0 * (3 * sum(macs) - macs[0])
+
+
+def executed_layers(model) -> list[tuple[str, int, int, int]]:
+    """The layers as ``model`` (dlwp_mnist) trains in the library's tuned jit."""
+    import flaxconv as fc
+
+    if not model.trim:
+        return LAYERS
+    winograd = fc.models.resolve_conv_impl(model.conv_impl, tuned=True) == "winograd"
+    return WINOGRAD_LAYERS if winograd else TRIMMED_LAYERS
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> dict[str, float]:
@@ -131,8 +149,7 @@ def run_flaxconv(epochs: int, recipe: str, seed: int) -> dict:
     test = fc.summarize(fc.evaluate(state, xt, yt))
     return {
         "epoch_seconds": history["epoch_seconds"],
-        "executed_flops_per_example": train_flops_per_example(
-            TRIMMED_LAYERS if model.trim else LAYERS),
+        "executed_flops_per_example": train_flops_per_example(executed_layers(model)),
         "compile_seconds": compile_seconds,
         "steps_per_epoch": -(-len(y) // batch),
         "batch_size": batch,
@@ -278,7 +295,8 @@ def summarize_peer(name: str, seed: int, r: dict, flops: float, peak: float) -> 
         train_s = sum(times) - compile_s
     examples = r["steps_per_epoch"] * r["batch_size"]
     gflops = flops * 60000 / steady / 1e9
-    # The peers compute every layer whole; flaxconv skips what the pools drop.
+    # The peers compute every layer whole; flaxconv skips what the pools drop (and on CPU
+    # runs conv_1 as Winograd).
     executed_gflops = r.get("executed_flops_per_example", flops) * 60000 / steady / 1e9
     return {
         "peer": name,

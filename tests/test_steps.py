@@ -1,5 +1,6 @@
 """The public step functions: purity, learning, exact metric sums, vmap/scan, bad input."""
 
+import functools
 import re
 
 import chex
@@ -264,21 +265,104 @@ def test_max_pool_with_relu_is_pool_of_relu_with_tensorflows_gradient(shape, win
     np.testing.assert_array_equal(y, fc.models.max_pool(jax.nn.relu(jnp.asarray(x)), window))
 
 
+def _conv_relu_pool_by_layers(x, kernel, bias, padding):
+    return fc.models.max_pool(fc.models.conv2d(x, kernel, padding=padding, impl="xla") + bias,
+                              relu=True)
+
+
+@pytest.mark.parametrize("impl", ["winograd", "xla_nhwc", "im2col"])
+@pytest.mark.parametrize("shape, padding", [
+    ((4, 12, 12, 32), "VALID"),    # dlwp_mnist's conv_1 as trained
+    ((3, 13, 11, 16), "VALID"),    # odd maps: the pool's floor drops a row and a column
+    ((2, 9, 10, 24), "SAME"),
+    ((2, 5, 6, 16), ((1, 0), (2, 1))),
+    ((2, 4, 4, 16), "VALID"),      # a single 2x2 tile
+    ((4, 26, 26, 1), "VALID"),     # few input channels (conv_0): the direct block
+])
+def test_conv_relu_pool_matches_its_layers_values_and_gradients(shape, padding, impl):
+    x = jax.random.normal(jax.random.key(1), shape)
+    kernel = jax.random.normal(jax.random.key(2), (3, 3, shape[-1], 20)) * 0.2
+    bias = jnp.linspace(-0.3, 0.3, 20)
+
+    def value_and_grads(block):
+        def loss(*args):
+            y = block(*args)
+            return jnp.sum(jnp.sin(y)), y
+        return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, kernel, bias)
+
+    (_, expected), expected_grads = value_and_grads(
+        lambda *a: _conv_relu_pool_by_layers(*a, padding))
+    (_, y), grads = value_and_grads(
+        lambda *a: fc.models.conv_relu_pool(*a, padding=padding, impl=impl))
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5)
+    for a, b in zip(expected_grads, grads, strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(a))))
+
+
+@pytest.mark.parametrize("impl", ["winograd", "xla_nhwc"])
+def test_conv_relu_pool_ties_send_the_gradient_to_the_first_maximum(impl):
+    # A zero input: every position of every window ties at the bias.
+    x, kernel = jnp.zeros((2, 8, 8, 16)), jax.random.normal(jax.random.key(0), (3, 3, 16, 4))
+    bias = jnp.array([-1.0, 0.0, 0.5, 2.0])
+
+    def grads(block):
+        return jax.grad(lambda *a: jnp.sum(block(*a)), argnums=(0, 1, 2))(x, kernel, bias)
+
+    expected = grads(lambda *a: _conv_relu_pool_by_layers(*a, "VALID"))
+    got = grads(lambda *a: fc.models.conv_relu_pool(*a, impl=impl))
+    np.testing.assert_array_equal(got[2], [0, 0, 2 * 3 * 3, 2 * 3 * 3])  # relu'(0) = 0
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+
+
+def _matmul_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Output shapes of the dot_generals in ``jaxpr`` and the jaxprs inside it."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes.append(eqn.outvars[0].aval.shape)
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                shapes += _matmul_shapes(inner)
+    return shapes
+
+
+def test_winograd_runs_16_products_where_it_applies():
+    def products(x_shape, kernel_shape, dtype=jnp.float32, **kwargs):
+        x, kernel = jnp.zeros(x_shape, dtype), jnp.zeros(kernel_shape, dtype)
+        block = functools.partial(fc.models.conv_relu_pool, impl="winograd", **kwargs)
+        return _matmul_shapes(jax.make_jaxpr(block)(x, kernel, jnp.zeros(kernel_shape[-1])).jaxpr)
+
+    # conv_1 of dlwp_mnist as trained: 5x5 tiles of 2x2 outputs, 16 [N*25, 32] @ [32, 64].
+    assert products((64, 12, 12, 32), (3, 3, 32, 64)) == [(64 * 25, 64)] * 16
+    # The first layer (9 * C_in <= C_out), other windows and bfloat16 run the direct way:
+    # one patches matmul for the first, an XLA convolution for the others.
+    assert products((64, 26, 26, 1), (3, 3, 1, 32)) == [(64, 24, 24, 32)]
+    assert products((8, 12, 12, 32), (3, 3, 32, 64), window=3) == []
+    assert products((8, 12, 12, 32), (3, 3, 32, 64), jnp.bfloat16) == []
+
+
+@pytest.mark.parametrize("conv_impl", ["auto", "winograd", "xla_nhwc"])
 @pytest.mark.parametrize("name", ["dlwp_mnist", "fashion_cnn"])
-def test_trimmed_training_pass_has_the_untrimmed_logits_and_gradients(name):
+def test_trimmed_training_pass_has_the_untrimmed_logits_and_gradients(name, conv_impl):
+    # The training pass (trimmed, each conv -> relu -> pool one block) against the layers
+    # one by one on the whole input, with XLA's convolution.
     images = jnp.asarray(random_batch(8)["image"], jnp.float32) / 255
-    trimmed, full = fc.models.get(name), fc.models.get(name, trim=False)
+    trimmed = fc.models.get(name, conv_impl=conv_impl)
+    full = fc.models.get(name, trim=False, conv_impl="xla")
     assert trimmed.used_input_size(28, 28) == (26, 26)  # conv_1's 11x11 map pools to 5x5
     variables = full.init(jax.random.key(0), images, train=False)
 
-    def logits_and_gradients(model):
+    def logits_and_gradients(model, train):
         def loss(params):
-            return jnp.sum(jnp.sin(model.apply({"params": params}, images, train=True)))
+            return jnp.sum(jnp.sin(model.apply({"params": params}, images, train=train)))
 
-        return model.apply(variables, images, train=True), jax.grad(loss)(variables["params"])
+        return model.apply(variables, images, train=train), jax.grad(loss)(variables["params"])
 
     chex.assert_trees_all_close(
-        logits_and_gradients(trimmed), logits_and_gradients(full), atol=2e-5, rtol=2e-5
+        fc.models.tuned_jit(lambda: logits_and_gradients(trimmed, True))(),
+        logits_and_gradients(full, False), atol=2e-5, rtol=2e-5
     )
 
 
@@ -293,11 +377,11 @@ def test_trim_leaves_inputs_whole_where_every_pixel_counts():
 def test_conv_impls_share_parameters_and_auto_resolves_per_backend():
     state = make_state(conv_impl="xla")
     images = random_batch(4)["image"]
-    for impl in ["im2col", "xla_nhwc"]:
+    for impl in ["im2col", "xla_nhwc", "winograd"]:
         other = state.replace(model=fc.models.get("dlwp_mnist", conv_impl=impl))
         np.testing.assert_allclose(fc.predict(state, images), fc.predict(other, images),
                                    rtol=1e-5, atol=1e-5)
-    tuned_cpu = "xla_nhwc" if fc.models.COMPILER_OPTIONS else "im2col"
+    tuned_cpu = "winograd" if fc.models.COMPILER_OPTIONS else "im2col"
     assert fc.models.resolve_conv_impl("auto", "cpu", tuned=True) == tuned_cpu
     assert fc.models.resolve_conv_impl("auto", "cpu", tuned=False) == "im2col"
     assert fc.models.resolve_conv_impl("auto", "cpu", tuned=True, vmapped=True) == "im2col"

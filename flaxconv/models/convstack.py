@@ -54,7 +54,11 @@ class ConvStack(nn.Module):
         (Keras's BatchNormalization with ``trainable=False``; set by
         ``flaxconv.finetune.freeze``).
       dropout_rate: dropout right before ``head``, active only with ``train=True``.
-      conv_impl: "auto" | "xla" | "xla_nhwc" | "im2col" (see ``flaxconv.models.layers``).
+      conv_impl: "auto" | "xla" | "xla_nhwc" | "winograd" | "im2col" (see
+        ``flaxconv.models.layers``). With ``train=True`` each conv -> relu -> pool block
+        (no BatchNorm) is one :func:`~flaxconv.models.layers.conv_relu_pool`, so a
+        ``conv_i`` captured in training is already pooled; with ``train=False`` every
+        layer has its own output.
       kernel_init: initializer name; Keras's glorot-uniform reproduces the textbook numbers.
       dtype: computation dtype, e.g. ``jnp.bfloat16`` for mixed precision; parameters,
         the logits and the loss stay float32.
@@ -140,7 +144,7 @@ class ConvStack(nn.Module):
             x = x[:, :rows, :columns]
         x = x.astype(dtype)
         for i, (width, pool) in enumerate(zip(self.features, self.pool_after(), strict=True)):
-            x = Conv(
+            conv = Conv(
                 width,
                 self.kernel_size,
                 padding=self.padding,
@@ -149,7 +153,14 @@ class ConvStack(nn.Module):
                 kernel_init=self.kernel_init,
                 dtype=dtype,
                 name=f"conv_{i}",
-            )(x)
+            )
+            if train and pool and not self.batch_norm:
+                # One block, conv -> relu -> pool (layers.conv_relu_pool): the pool's
+                # gradient feeds the convolution's directly, and on CPU a 3x3 conv runs as
+                # Winograd's F(2x2, 3x3), whose 2x2 output tiles are the pool's windows.
+                x = conv(x, relu_pool=POOL_WINDOW)
+                continue
+            x = conv(x)
             if self.batch_norm:
                 x = nn.BatchNorm(
                     use_running_average=not train or f"bn_{i}" in self.frozen_batch_norm,

@@ -15,13 +15,18 @@ Three formulations of the same 2-D convolution (NHWC inputs, HWIO kernels):
   3x3, where the full correlation would mostly multiply padding) gets its input gradient
   as one matmul summed back onto the input (col2im). Stride 1 only; other strides, and
   paddings wider than the kernel, use im2col.
+* ``"winograd"``: ``xla_nhwc``, except that a conv -> relu -> 2x2 pool block with a 3x3
+  kernel (:func:`conv_relu_pool`, how ``ConvStack`` trains) runs as Winograd's F(2x2, 3x3):
+  16 matmuls with 4/9 of the direct convolution's multiply-adds, whose four output phases
+  are the pool's windows. Not for the first layer (``kh*kw*C_in <= C_out``), where the
+  patches matmul is cheaper, nor for other dtypes than float32.
 * ``"im2col"``: the ``kh*kw`` shifted views of the input are concatenated on the channel
   axis and multiplied by the kernel reshaped to ``[kh*kw*C_in, C_out]``: one matmul forward
   and one for each gradient. Under ``vmap`` (populations) a batched matmul, where the
   convolutions would become grouped convolutions, which XLA:CPU runs slowly.
 
 ``"auto"`` picks per backend from measurements recorded in ``benchmarks/RESULTS.md``
-(``benchmarks/conv_impl.py`` reruns them). On CPU: ``xla_nhwc`` inside :func:`tuned_jit`
+(``benchmarks/conv_impl.py`` reruns them). On CPU: ``winograd`` inside :func:`tuned_jit`
 (the library's own loops), which compiles with :data:`COMPILER_OPTIONS` so that XLA:CPU
 runs the convolutions on Eigen rather than YNNPACK, and im2col everywhere else (with
 YNNPACK's convolutions ``xla_nhwc`` is the slower one). On GPU (an H200) im2col, where
@@ -44,7 +49,7 @@ import jax.numpy as jnp
 import jaxlib
 from jax import lax
 
-CONV_IMPLS = ("auto", "xla", "xla_nhwc", "im2col")
+CONV_IMPLS = ("auto", "xla", "xla_nhwc", "winograd", "im2col")
 
 
 def _compiler_options() -> dict[str, str]:
@@ -69,7 +74,7 @@ COMPILER_OPTIONS: dict[str, str] = _compiler_options()
 # Also the choice for vmapped members. The CPU inside tuned_jit, where convolutions run on
 # Eigen, has its own entry.
 _AUTO_CONV_IMPL = {"cpu": "im2col", "gpu": "im2col", "cuda": "im2col"}
-_AUTO_TUNED_CPU_CONV_IMPL = "xla_nhwc" if COMPILER_OPTIONS else "im2col"
+_AUTO_TUNED_CPU_CONV_IMPL = "winograd" if COMPILER_OPTIONS else "im2col"
 
 # True while tuned_jit traces: the function is compiled with COMPILER_OPTIONS.
 _tracing_tuned = contextvars.ContextVar("flaxconv_tracing_tuned", default=False)
@@ -102,7 +107,8 @@ def tuned_jit(fun: Callable, **jit_kwargs) -> Callable:
 def resolve_conv_impl(
     impl: str, backend: str | None = None, vmapped: bool = False, tuned: bool | None = None
 ) -> str:
-    """Returns the concrete formulation ("xla", "xla_nhwc" or "im2col") for ``impl``.
+    """Returns the concrete formulation ("xla", "xla_nhwc", "winograd" or "im2col") for
+    ``impl``.
 
     Args:
       impl: one of ``CONV_IMPLS``; anything but "auto" comes back as is.
@@ -160,7 +166,8 @@ def conv2d(
       kernel: ``[kh, kw, C_in, C_out]`` filters.
       strides: ``(sh, sw)``.
       padding: ``"VALID"``, ``"SAME"`` or explicit ``((top, bottom), (left, right))``.
-      impl: ``"xla"``, ``"xla_nhwc"``, ``"im2col"`` or ``"auto"`` (see the module docstring).
+      impl: one of ``CONV_IMPLS`` (see the module docstring); a lone convolution runs
+        ``"winograd"`` as ``"xla_nhwc"``.
 
     Returns:
       ``[N, H_out, W_out, C_out]``, with the dtype of ``x``; all formulations agree to
@@ -176,7 +183,10 @@ def conv2d(
         return lax.conv_general_dilated(
             x, kernel, strides, (pad_h, pad_w), dimension_numbers=_NHWC
         )
-    if impl == "xla_nhwc" and tuple(strides) == (1, 1) and max(pad_h) < kh and max(pad_w) < kw:
+    # "winograd" applies to conv -> relu -> pool blocks (conv_relu_pool); a lone
+    # convolution runs as xla_nhwc.
+    if (impl in ("xla_nhwc", "winograd") and tuple(strides) == (1, 1) and max(pad_h) < kh
+            and max(pad_w) < kw):
         return _conv_nhwc(x, kernel, (tuple(pad_h), tuple(pad_w)))
     if any(pad_h) or any(pad_w):
         x = _pad(x, (pad_h, pad_w))
@@ -320,8 +330,15 @@ def _window_max_and_position(x: jax.Array, window: int) -> tuple[jax.Array, jax.
     which would recompute the comparisons from ``x`` for every one of them.
     """
     windows = _pool_windows(x, window)
-    stacked = jnp.stack([windows[:, :, i, :, j, :] for i in range(window) for j in range(window)])
-    position = lax.broadcasted_iota(_position_dtype(window), stacked.shape, 0)
+    return _first_max(
+        jnp.stack([windows[:, :, i, :, j, :] for i in range(window) for j in range(window)]))
+
+
+def _first_max(stacked: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The max over the leading axis of ``stacked`` and the (int8) index of its first maximum
+    (TensorFlow's tie rule; a NaN wins)."""
+    size = stacked.shape[0]
+    position = lax.broadcasted_iota(_position_dtype(size), stacked.shape, 0)
 
     def first_max(a, b):
         (a_value, a_position), (b_value, b_position) = a, b
@@ -329,12 +346,12 @@ def _window_max_and_position(x: jax.Array, window: int) -> tuple[jax.Array, jax.
                   | ((a_value == b_value) & (a_position < b_position)))
         return jnp.where(take_a, a_value, b_value), jnp.where(take_a, a_position, b_position)
 
-    init = (jnp.array(-jnp.inf, x.dtype), position.dtype.type(window * window))
+    init = (jnp.array(-jnp.inf, stacked.dtype), position.dtype.type(size))
     return lax.reduce((stacked, position), init, first_max, (0,))
 
 
-def _position_dtype(window: int) -> jnp.dtype:
-    return jnp.dtype(jnp.int8 if window * window < 128 else jnp.int32)
+def _position_dtype(size: int) -> jnp.dtype:
+    return jnp.dtype(jnp.int8 if size < 128 else jnp.int32)
 
 
 def _max_pool_fwd(x, window, relu):
@@ -359,6 +376,201 @@ def _max_pool_bwd(window, relu, residuals, dy):
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def conv_relu_pool(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    padding: str | Sequence[tuple[int, int]] = "VALID",
+    window: int = 2,
+    impl: str = "auto",
+) -> jax.Array:
+    """``max_pool(relu(conv2d(x, kernel, padding=padding) + bias), window)`` as one block.
+
+    With ``impl="winograd"`` (CPU's "auto" inside :func:`tuned_jit`), a 3x3 kernel and a 2x2
+    pool run as Winograd's F(2x2, 3x3) (Lavin & Gray, 2016): each 2x2 tile of the output is
+    made from its 4x4 input tile with 16 products per channel pair instead of 36, as 16
+    matmuls ``[N*tiles, C_in] @ [C_in, C_out]``, and the forward pass, the input gradient and
+    the kernel gradient each do 4/9 of the direct convolution's multiply-adds. The output
+    transform yields the four positions of each tile separately, and those are exactly the
+    pool's windows, so the pool is a max over four arrays and the output map is never
+    interleaved. Values and gradients match the direct convolution to float32 rounding.
+    Layers with few input channels (``9 * C_in <= C_out``, the first), other kernels,
+    windows or dtypes than float32 compose :func:`conv2d` and :func:`max_pool` as usual.
+
+    The rows and columns of the convolution's output that the pool's floor drops are never
+    computed (the input is cropped to the rows that reach the output).
+
+    Args:
+      x: ``[N, H, W, C_in]``.
+      kernel: ``[kh, kw, C_in, C_out]``.
+      bias: ``[C_out]``.
+      padding: of the convolution, as in :func:`conv2d`.
+      window: the pool's size and stride.
+      impl: convolution formulation, see :func:`conv2d`.
+
+    Returns:
+      ``[N, H_out // window, W_out // window, C_out]`` with ``H_out, W_out`` the convolution's
+      output size, the dtype of ``x``.
+    """
+    impl = resolve_conv_impl(impl)
+    kh, kw, _, _ = kernel.shape
+    pad_h = _padding_amounts(padding, x.shape[1], kh, 1, axis=0)
+    pad_w = _padding_amounts(padding, x.shape[2], kw, 1, axis=1)
+    pooled_h = (x.shape[1] + sum(pad_h) - kh + 1) // window
+    pooled_w = (x.shape[2] + sum(pad_w) - kw + 1) // window
+    if (impl not in ("xla_nhwc", "winograd") or min(pooled_h, pooled_w) < 1
+            or max(pad_h) >= kh or max(pad_w) >= kw):
+        return max_pool(conv2d(x, kernel, padding=padding, impl=impl) + bias, window, relu=True)
+    # The rows and columns that reach the pool's output.
+    x = _pad(x, (pad_h, pad_w))[:, : window * pooled_h + kh - 1, : window * pooled_w + kw - 1]
+    kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
+    if (impl == "winograd" and (kh, kw, window) == (3, 3, 2) and not _few_input_channels(kernel)
+            and x.dtype == jnp.float32):
+        return _winograd_conv_relu_pool(x, kernel, bias)
+    return _direct_conv_relu_pool(x, kernel, bias, window)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _direct_conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, window: int
+                           ) -> jax.Array:
+    """The block with the convolution of :func:`_conv_nhwc` (VALID, output divisible by
+    ``window``). As one VJP, the pool's gradient is written once, for the kernel gradient
+    alone, and the bias gradient is summed from the pooled gradient, ``window**2`` times
+    smaller."""
+    return _direct_conv_relu_pool_fwd(x, kernel, bias, window)[0]
+
+
+def _direct_conv_relu_pool_fwd(x, kernel, bias, window):
+    y, (y, position) = _max_pool_fwd(_conv_nhwc(x, kernel, _NO_PADDING) + bias, window, True)
+    return y, (x, kernel, y, position)
+
+
+def _direct_conv_relu_pool_bwd(window, residuals, dy):
+    x, kernel, y, position = residuals
+    dbias = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype)).sum((0, 1, 2))
+    (dconv,) = _max_pool_bwd(window, True, (y, position), dy)
+    dx, dkernel = _conv_nhwc_bwd(_NO_PADDING, (x, kernel), dconv)
+    return dx, dkernel, dbias
+
+
+_direct_conv_relu_pool.defvjp(_direct_conv_relu_pool_fwd, _direct_conv_relu_pool_bwd)
+_NO_PADDING = ((0, 0), (0, 0))
+
+
+# Winograd F(2x2, 3x3): B^T (input), G (filter) and A^T (output) transforms. With d a 4x4
+# input tile and g a 3x3 filter, the 2x2 output tile is A^T [(G g G^T) * (B^T d B)] A.
+_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _combine(coefficients: Sequence[float], terms: Sequence[jax.Array]) -> jax.Array:
+    """``sum_i coefficients[i] * terms[i]``. The transforms' entries are 0, +-1 and +-1/2:
+    written as adds, XLA fuses each transform into elementwise loops."""
+    total = None
+    for coefficient, term in zip(coefficients, terms, strict=True):
+        if coefficient == 0:
+            continue
+        term = term if coefficient == 1 else -term if coefficient == -1 else coefficient * term
+        total = term if total is None else total + term
+    return total
+
+
+def _columns(matrix: Sequence[Sequence[float]]) -> list[tuple[float, ...]]:
+    return list(zip(*matrix, strict=True))
+
+
+def _winograd_input_transform(x: jax.Array) -> list[list[jax.Array]]:
+    """``v[a][b]``, ``[N*T*S, C]``: entry (a, b) of ``B^T d B`` for each of the ``T x S``
+    4x4 tiles ``d`` (stride 2) of ``x`` ``[N, 2T + 2, 2S + 2, C]``."""
+    n, h, w, c = x.shape
+    t, s = (h - 2) // 2, (w - 2) // 2
+    # d[i][j][n, u, v] = x[n, 2u + i, 2v + j]: entry (i, j) of every tile.
+    d = [[x[:, i : i + 2 * t - 1 : 2, j : j + 2 * s - 1 : 2] for j in range(4)] for i in range(4)]
+    rows = [[_combine(_WINOGRAD_BT[a], [d[i][j] for i in range(4)]) for j in range(4)]
+            for a in range(4)]
+    return [[_combine(_WINOGRAD_BT[b], rows[a]).reshape(-1, c) for b in range(4)]
+            for a in range(4)]
+
+
+def _winograd_input_transform_transpose(dv: list[list[jax.Array]], n: int, t: int, s: int
+                                        ) -> jax.Array:
+    """The gradient of ``x`` ``[N, 2T + 2, 2S + 2, C]`` from the gradients of ``v``."""
+    bt = _columns(_WINOGRAD_BT)
+    rows = [[_combine(bt[j], dv[a]) for j in range(4)] for a in range(4)]
+    dd = [[_combine(bt[i], [rows[a][j] for a in range(4)]).reshape(n, t, s, -1)
+           for j in range(4)] for i in range(4)]
+
+    # Tiles overlap by two rows and columns: pixel (2u + r, 2v + c), r, c in {0, 1}, is entry
+    # (r, c) of tile (u, v), (r + 2, c) of tile (u - 1, v), (r, c + 2) of (u, v - 1) and
+    # (r + 2, c + 2) of (u - 1, v - 1). Summed per phase (r, c), then interleaved.
+    def shifted(a: jax.Array, down: int, right: int) -> jax.Array:
+        return jnp.pad(a, ((0, 0), (down, 1 - down), (right, 1 - right), (0, 0)))
+
+    phases = jnp.stack([
+        shifted(dd[r][c], 0, 0) + shifted(dd[r + 2][c], 1, 0)
+        + shifted(dd[r][c + 2], 0, 1) + shifted(dd[r + 2][c + 2], 1, 1)
+        for r in range(2) for c in range(2)
+    ])
+    phases = phases.reshape(2, 2, n, t + 1, s + 1, -1).transpose(2, 3, 0, 4, 1, 5)
+    return phases.reshape(n, 2 * t + 2, 2 * s + 2, -1)
+
+
+def _winograd_filter_transform(kernel: jax.Array) -> list[list[jax.Array]]:
+    """``u[a][b]``, ``[C_in, C_out]``: entry (a, b) of ``G g G^T`` for a 3x3 ``kernel``."""
+    rows = [_combine(_WINOGRAD_G[a], [kernel[i] for i in range(3)]) for a in range(4)]
+    return [[_combine(_WINOGRAD_G[b], [rows[a][j] for j in range(3)]) for b in range(4)]
+            for a in range(4)]
+
+
+def _winograd_filter_transform_transpose(du: list[list[jax.Array]]) -> jax.Array:
+    """The gradient of the 3x3 kernel ``[3, 3, C_in, C_out]`` from the gradients of ``u``."""
+    g = _columns(_WINOGRAD_G)
+    rows = [[_combine(g[i], [du[a][b] for a in range(4)]) for b in range(4)] for i in range(3)]
+    return jnp.stack([jnp.stack([_combine(g[j], rows[i]) for j in range(3)]) for i in range(3)])
+
+
+@jax.custom_vjp
+def _winograd_conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """``x`` ``[N, 2T + 2, 2S + 2, C_in]``, 3x3 ``kernel`` -> ``[N, T, S, C_out]``."""
+    return _winograd_conv_relu_pool_fwd(x, kernel, bias)[0]
+
+
+def _winograd_conv_relu_pool_fwd(x, kernel, bias):
+    n, h, w, _ = x.shape
+    v = _winograd_input_transform(x)
+    u = _winograd_filter_transform(kernel)
+    m = [[v[a][b] @ u[a][b] for b in range(4)] for a in range(4)]
+    rows = [[_combine(_WINOGRAD_AT[p], [m[a][b] for a in range(4)]) for b in range(4)]
+            for p in range(2)]
+    # Output position (p, q) of every tile: the four positions of every pool window, in the
+    # row-major order of the window.
+    phases = jnp.stack([_combine(_WINOGRAD_AT[q], rows[p]) for p in range(2) for q in range(2)])
+    y, position = _first_max(phases + bias)
+    y = jnp.maximum(y, 0).reshape(n, (h - 2) // 2, (w - 2) // 2, -1)
+    return y, (v, u, y, position)
+
+
+def _winograd_conv_relu_pool_bwd(residuals, dy):
+    v, u, y, position = residuals
+    n, t, s, c_out = y.shape
+    # The relu's gradient at the window's maximum, then the pool's: to the first maximum.
+    dy = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype))
+    dbias = dy.sum((0, 1, 2))
+    dy = dy.reshape(-1, c_out)
+    dphases = [jnp.where(position == k, dy, jnp.zeros((), dy.dtype)) for k in range(4)]
+    at = _columns(_WINOGRAD_AT)
+    rows = [[_combine(at[b], dphases[2 * p : 2 * p + 2]) for b in range(4)] for p in range(2)]
+    dm = [[_combine(at[a], [rows[p][b] for p in range(2)]) for b in range(4)] for a in range(4)]
+    dv = [[dm[a][b] @ u[a][b].T for b in range(4)] for a in range(4)]
+    du = [[v[a][b].T @ dm[a][b] for b in range(4)] for a in range(4)]
+    dx = _winograd_input_transform_transpose(dv, n, t, s)
+    return dx, _winograd_filter_transform_transpose(du), dbias
+
+
+_winograd_conv_relu_pool.defvjp(_winograd_conv_relu_pool_fwd, _winograd_conv_relu_pool_bwd)
 
 
 INITIALIZERS: dict[str, Callable[..., Any]] = {
@@ -402,15 +614,24 @@ class Conv(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, relu_pool: int | None = None) -> jax.Array:
+        """``[N, H, W, C_in] -> [N, H_out, W_out, features]``; with ``relu_pool=window``
+        (stride 1 only), ``max_pool(relu(conv(x)), window)`` computed as one block by
+        :func:`conv_relu_pool`, as ``ConvStack`` trains its conv blocks."""
         kernel_shape = (*self.kernel_size, x.shape[-1], self.features)
         kernel = self.param("kernel", initializer(self.kernel_init), kernel_shape, jnp.float32)
         dtype = self.dtype or x.dtype
-        y = conv2d(x.astype(dtype), kernel.astype(dtype), self.strides, self.padding, self.impl)
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-            y = y + bias.astype(dtype)
-        return y
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        bias = (self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+                .astype(dtype) if self.use_bias else None)
+        if relu_pool:
+            if tuple(self.strides) != (1, 1):
+                raise ValueError(f"relu_pool needs strides (1, 1), got {self.strides}")
+            if bias is None:
+                bias = jnp.zeros((self.features,), dtype)
+            return conv_relu_pool(x, kernel, bias, self.padding, relu_pool, self.impl)
+        y = conv2d(x, kernel, self.strides, self.padding, self.impl)
+        return y if bias is None else y + bias
 
 
 class MaxPool(nn.Module):
