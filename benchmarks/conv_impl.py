@@ -11,8 +11,10 @@ other layers as ``xla_nhwc``), and im2col (shifted slices + one matmul) — each
 of jitted steps; prints ms/step, the achieved GFLOP/s (the model's training FLOPs, as in
 ``mnist_speed.py``) and its share of the fp32 matmul peak measured in the same run, and the
 share counting only the FLOPs executed (every formulation trains trimmed: ``ConvStack.trim``).
-``xla_nhwc`` runs twice: in ``fc.models.tuned_jit`` (the library's ``COMPILER_OPTIONS``)
-and in a plain ``jax.jit`` (XLA:CPU's defaults, convolutions on YNNPACK).
+``xla_nhwc`` and ``winograd`` run twice: in ``fc.models.tuned_jit`` (the library's
+``COMPILER_OPTIONS``) and in a plain ``jax.jit`` (XLA:CPU's defaults, convolutions on YNNPACK;
+``winograd`` there runs its lone convolution, conv_2, as im2col), the jit of
+``fc.train_step``.
 
 The last rows, "GEMMs alone", are bounds rather than formulations: the step's matrix
 products, one after another in a ``lax.scan``, with nothing else — no patches, transforms,
@@ -148,8 +150,7 @@ def main() -> None:
           f"{executed_gflop['direct']:.3f} executed, {executed_gflop['winograd']:.3f} with "
           f"Winograd); "
           f"fp32 matmul peak {peak:.0f} GFLOP/s (jax, n=2048); auto -> "
-          f"{fc.models.resolve_conv_impl('auto', tuned=True)} in tuned_jit, "
-          f"{fc.models.resolve_conv_impl('auto', tuned=False)} in jax.jit")
+          f"{fc.models.resolve_conv_impl('auto')}")
 
     def rate(ms: float, executed: str) -> str:
         gflops = step_gflop / (ms / 1000)
@@ -160,10 +161,10 @@ def main() -> None:
     print("| formulation | scan ms/step | GFLOP/s | % of matmul peak | (executed FLOPs) "
           "| python-loop ms/step | compile s |")
     print("|---|---|---|---|---|---|---|")
-    # Every formulation in the library's tuned jit; xla_nhwc also in a plain jax.jit, where
-    # XLA:CPU runs its convolutions on YNNPACK.
+    # Every formulation in the library's tuned jit; xla_nhwc and winograd also in a plain
+    # jax.jit, where XLA:CPU runs its convolutions on YNNPACK.
     rows = [("xla", True), ("im2col", True), ("xla_nhwc", True), ("winograd", True),
-            ("xla_nhwc", False)]
+            ("xla_nhwc", False), ("winograd", False)]
     for impl, tuned in rows:
         r = time_impl(impl, tuned, args.steps, args.batch_size, images, np.asarray(labels))
         name = f"{impl} ({'tuned_jit' if tuned else 'jax.jit'})"

@@ -72,7 +72,7 @@ def executed_layers(model) -> list[tuple[str, int, int, int]]:
 
     if not model.trim:
         return LAYERS
-    winograd = fc.models.resolve_conv_impl(model.conv_impl, tuned=True) == "winograd"
+    winograd = fc.models.resolve_conv_impl(model.conv_impl) == "winograd"
     return WINOGRAD_LAYERS if winograd else TRIMMED_LAYERS
 
 
@@ -155,7 +155,7 @@ def run_flaxconv(epochs: int, recipe: str, seed: int) -> dict:
         "batch_size": batch,
         "test_accuracy": test["accuracy"],
         "device": str(jax.devices()[0]),
-        "conv_impl": fc.models.resolve_conv_impl("auto", tuned=True),  # fit runs tuned jits
+        "conv_impl": fc.models.resolve_conv_impl("auto"),
         "version": f"jax {jax.__version__}",
     }
 

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     model = fc.models.get(args.model, conv_impl=args.conv_impl, dtype=args.dtype)
     tx = fc.optim.make(args.optimizer, learning_rate=args.learning_rate)
     full = len(labels) == 60_000
-    single_impl = fc.models.resolve_conv_impl(args.conv_impl, tuned=True)
+    single_impl = fc.models.resolve_conv_impl(args.conv_impl)
     vmap_sizes = {k: pop.resolve_vmap_size(args.vmap_size, k) for k in args.ks}
     print(f"{args.model} in {args.dtype} (single model: {single_impl} convs; members vmapped "
           f"side by side, "

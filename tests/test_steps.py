@@ -336,11 +336,11 @@ def test_winograd_runs_16_products_where_it_applies():
 
     # conv_1 of dlwp_mnist as trained: 5x5 tiles of 2x2 outputs, 16 [N*25, 32] @ [32, 64].
     assert products((64, 12, 12, 32), (3, 3, 32, 64)) == [(64 * 25, 64)] * 16
-    # The first layer (9 * C_in <= C_out), other windows and bfloat16 run the direct way:
-    # one patches matmul for the first, an XLA convolution for the others.
+    # The first layer (9 * C_in <= C_out), other windows and bfloat16 run the direct way, one
+    # patches matmul each (outside tuned_jit a lone convolution is im2col).
     assert products((64, 26, 26, 1), (3, 3, 1, 32)) == [(64, 24, 24, 32)]
-    assert products((8, 12, 12, 32), (3, 3, 32, 64), window=3) == []
-    assert products((8, 12, 12, 32), (3, 3, 32, 64), jnp.bfloat16) == []
+    assert products((8, 12, 12, 32), (3, 3, 32, 64), window=3) == [(8, 10, 10, 64)]
+    assert products((8, 12, 12, 32), (3, 3, 32, 64), jnp.bfloat16) == [(8, 10, 10, 64)]
 
 
 @pytest.mark.parametrize("conv_impl", ["auto", "winograd", "xla_nhwc"])
@@ -381,10 +381,8 @@ def test_conv_impls_share_parameters_and_auto_resolves_per_backend():
         other = state.replace(model=fc.models.get("dlwp_mnist", conv_impl=impl))
         np.testing.assert_allclose(fc.predict(state, images), fc.predict(other, images),
                                    rtol=1e-5, atol=1e-5)
-    tuned_cpu = "winograd" if fc.models.COMPILER_OPTIONS else "im2col"
-    assert fc.models.resolve_conv_impl("auto", "cpu", tuned=True) == tuned_cpu
-    assert fc.models.resolve_conv_impl("auto", "cpu", tuned=False) == "im2col"
-    assert fc.models.resolve_conv_impl("auto", "cpu", tuned=True, vmapped=True) == "im2col"
+    assert fc.models.resolve_conv_impl("auto", "cpu") == "winograd"
+    assert fc.models.resolve_conv_impl("auto", "cpu", vmapped=True) == "im2col"
     assert fc.models.resolve_conv_impl("auto", "gpu") == "im2col"
     assert fc.models.resolve_conv_impl("auto", "tpu") == "xla"
     with pytest.raises(ValueError, match="conv_impl='fft'"):

@@ -15,24 +15,25 @@ Three formulations of the same 2-D convolution (NHWC inputs, HWIO kernels):
   3x3, where the full correlation would mostly multiply padding) gets its input gradient
   as one matmul summed back onto the input (col2im). Stride 1 only; other strides, and
   paddings wider than the kernel, use im2col.
-* ``"winograd"``: ``xla_nhwc``, except that a conv -> relu -> 2x2 pool block with a 3x3
-  kernel (:func:`conv_relu_pool`, how ``ConvStack`` trains) runs as Winograd's F(2x2, 3x3):
-  16 matmuls with 4/9 of the direct convolution's multiply-adds, whose four output phases
-  are the pool's windows. Not for the first layer (``kh*kw*C_in <= C_out``), where the
-  patches matmul is cheaper, nor for other dtypes than float32.
+* ``"winograd"``: a conv -> relu -> 2x2 pool block with a 3x3 kernel
+  (:func:`conv_relu_pool`, how ``ConvStack`` trains) runs as Winograd's F(2x2, 3x3): 16
+  matmuls with 4/9 of the direct convolution's multiply-adds, whose four output phases are
+  the pool's windows. Not for the first layer (``kh*kw*C_in <= C_out``), where the patches
+  matmul is cheaper, nor for other dtypes than float32. Every other convolution runs as
+  ``xla_nhwc`` inside :func:`tuned_jit` and as ``im2col`` elsewhere.
 * ``"im2col"``: the ``kh*kw`` shifted views of the input are concatenated on the channel
   axis and multiplied by the kernel reshaped to ``[kh*kw*C_in, C_out]``: one matmul forward
   and one for each gradient. Under ``vmap`` (populations) a batched matmul, where the
   convolutions would become grouped convolutions, which XLA:CPU runs slowly.
 
 ``"auto"`` picks per backend from measurements recorded in ``benchmarks/RESULTS.md``
-(``benchmarks/conv_impl.py`` reruns them). On CPU: ``winograd`` inside :func:`tuned_jit`
-(the library's own loops), which compiles with :data:`COMPILER_OPTIONS` so that XLA:CPU
-runs the convolutions on Eigen rather than YNNPACK, and im2col everywhere else (with
-YNNPACK's convolutions ``xla_nhwc`` is the slower one). On GPU (an H200) im2col, where
-these small convolutions lose to one GEMM. XLA's convolution elsewhere (TPU: not
-measured). :func:`resolve_conv_impl` with ``vmapped=True`` is the choice for vmapped
-population members: im2col on CPU and GPU.
+(``benchmarks/conv_impl.py`` reruns them). On CPU ``winograd``: in :func:`tuned_jit` (the
+library's own loops), which compiles with :data:`COMPILER_OPTIONS` so that XLA:CPU runs
+the convolutions on Eigen rather than YNNPACK, its lone convolutions are ``xla_nhwc``; in
+any other jit im2col (with YNNPACK's convolutions ``xla_nhwc`` is the slower one). On GPU
+(an H200) im2col, where these small convolutions lose to one GEMM (Winograd not measured
+there). XLA's convolution elsewhere (TPU: not measured). :func:`resolve_conv_impl` with
+``vmapped=True`` is the choice for vmapped population members: im2col on CPU and GPU.
 All formulations hold the same parameters, so checkpoints move freely between them.
 """
 
@@ -71,10 +72,9 @@ def _compiler_options() -> dict[str, str]:
 COMPILER_OPTIONS: dict[str, str] = _compiler_options()
 
 # Measured choice per backend (benchmarks/conv_impl.py); anything unknown gets XLA's conv.
-# Also the choice for vmapped members. The CPU inside tuned_jit, where convolutions run on
-# Eigen, has its own entry.
-_AUTO_CONV_IMPL = {"cpu": "im2col", "gpu": "im2col", "cuda": "im2col"}
-_AUTO_TUNED_CPU_CONV_IMPL = "winograd" if COMPILER_OPTIONS else "im2col"
+_AUTO_CONV_IMPL = {"cpu": "winograd", "gpu": "im2col", "cuda": "im2col"}
+# For vmapped members (populations), where XLA's convolutions become grouped convolutions.
+_AUTO_VMAPPED_CONV_IMPL = {"cpu": "im2col", "gpu": "im2col", "cuda": "im2col"}
 
 # True while tuned_jit traces: the function is compiled with COMPILER_OPTIONS.
 _tracing_tuned = contextvars.ContextVar("flaxconv_tracing_tuned", default=False)
@@ -82,13 +82,14 @@ _tracing_tuned = contextvars.ContextVar("flaxconv_tracing_tuned", default=False)
 
 def tuned_jit(fun: Callable, **jit_kwargs) -> Callable:
     """``jax.jit(fun, **jit_kwargs)`` compiled with :data:`COMPILER_OPTIONS`, under which
-    ``conv_impl="auto"`` picks ``"xla_nhwc"`` on CPU.
+    the convolutions outside Winograd blocks run on XLA:CPU's Eigen kernels (``"xla_nhwc"``)
+    rather than as im2col.
 
     The library's own loops (``flaxconv.epochs.train_epoch``, ``fit``, populations,
     evaluation) are tuned jits. Like every ``compiler_options`` jit it must be called at
     the top level, not inside another ``jax.jit``; the public ``fc.train_step``,
-    ``fc.eval_step`` and ``fc.predict`` are plain jits, composable anywhere, and use
-    im2col on CPU. A researcher's own top-level loop can be one too::
+    ``fc.eval_step`` and ``fc.predict`` are plain jits, composable anywhere (on CPU about 7%
+    slower per training step). A researcher's own top-level loop can be one too::
 
         epoch = fc.models.tuned_jit(my_epoch_fn, donate_argnums=0)
     """
@@ -104,9 +105,7 @@ def tuned_jit(fun: Callable, **jit_kwargs) -> Callable:
     return jax.jit(traced_tuned, compiler_options=COMPILER_OPTIONS, **jit_kwargs)
 
 
-def resolve_conv_impl(
-    impl: str, backend: str | None = None, vmapped: bool = False, tuned: bool | None = None
-) -> str:
+def resolve_conv_impl(impl: str, backend: str | None = None, vmapped: bool = False) -> str:
     """Returns the concrete formulation ("xla", "xla_nhwc", "winograd" or "im2col") for
     ``impl``.
 
@@ -115,17 +114,29 @@ def resolve_conv_impl(
       backend: defaults to ``jax.default_backend()``, read at trace time.
       vmapped: the layer runs under ``vmap`` with per-member kernels (a population), where
         XLA's convolutions become grouped convolutions.
-      tuned: compiled by :func:`tuned_jit`; None reads it from the trace in progress.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl={impl!r} is not one of {CONV_IMPLS}")
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
+    return (_AUTO_VMAPPED_CONV_IMPL if vmapped else _AUTO_CONV_IMPL).get(backend, "xla")
+
+
+def _lone_conv_impl(impl: str, tuned: bool | None = None) -> str:
+    """The formulation of a convolution outside a Winograd block: ``"winograd"`` runs it as
+    ``"xla_nhwc"`` inside :func:`tuned_jit`, whose :data:`COMPILER_OPTIONS` keep XLA:CPU's
+    convolutions on Eigen, and as ``"im2col"`` elsewhere (on YNNPACK, XLA's convolutions
+    are the slower); every other formulation stays itself.
+
+    Args:
+      impl: a concrete formulation (see :func:`resolve_conv_impl`).
+      tuned: compiled by :func:`tuned_jit`; None reads it from the trace in progress.
+    """
+    if impl != "winograd":
+        return impl
     tuned = _tracing_tuned.get() if tuned is None else tuned
-    if backend == "cpu" and tuned and not vmapped:
-        return _AUTO_TUNED_CPU_CONV_IMPL
-    return _AUTO_CONV_IMPL.get(backend, "xla")
+    return "xla_nhwc" if tuned and COMPILER_OPTIONS else "im2col"
 
 
 def _padding_amounts(padding: str | Sequence[tuple[int, int]], size: int, k: int, s: int,
@@ -173,7 +184,7 @@ def conv2d(
       ``[N, H_out, W_out, C_out]``, with the dtype of ``x``; all formulations agree to
       float32 rounding, values and gradients.
     """
-    impl = resolve_conv_impl(impl)
+    impl = _lone_conv_impl(resolve_conv_impl(impl))
     kh, kw, c_in, c_out = kernel.shape
     if x.shape[-1] != c_in:
         raise ValueError(f"input has {x.shape[-1]} channels, kernel expects {c_in}: {x.shape}")
@@ -183,10 +194,7 @@ def conv2d(
         return lax.conv_general_dilated(
             x, kernel, strides, (pad_h, pad_w), dimension_numbers=_NHWC
         )
-    # "winograd" applies to conv -> relu -> pool blocks (conv_relu_pool); a lone
-    # convolution runs as xla_nhwc.
-    if (impl in ("xla_nhwc", "winograd") and tuple(strides) == (1, 1) and max(pad_h) < kh
-            and max(pad_w) < kw):
+    if impl == "xla_nhwc" and tuple(strides) == (1, 1) and max(pad_h) < kh and max(pad_w) < kw:
         return _conv_nhwc(x, kernel, (tuple(pad_h), tuple(pad_w)))
     if any(pad_h) or any(pad_w):
         x = _pad(x, (pad_h, pad_w))
@@ -420,14 +428,19 @@ def conv_relu_pool(
     pad_w = _padding_amounts(padding, x.shape[2], kw, 1, axis=1)
     pooled_h = (x.shape[1] + sum(pad_h) - kh + 1) // window
     pooled_w = (x.shape[2] + sum(pad_w) - kw + 1) // window
-    if (impl not in ("xla_nhwc", "winograd") or min(pooled_h, pooled_w) < 1
+    few_input_channels = _few_input_channels(kernel)
+    winograd = (impl == "winograd" and (kh, kw, window) == (3, 3, 2) and not few_input_channels
+                and x.dtype == jnp.float32)
+    # The direct block convolves as _conv_nhwc: Eigen's convolution (in tuned_jit), or for
+    # few input channels a patches matmul, fast anywhere.
+    direct = _lone_conv_impl(impl) == "xla_nhwc" or (impl == "winograd" and few_input_channels)
+    if (not (winograd or direct) or min(pooled_h, pooled_w) < 1
             or max(pad_h) >= kh or max(pad_w) >= kw):
         return max_pool(conv2d(x, kernel, padding=padding, impl=impl) + bias, window, relu=True)
     # The rows and columns that reach the pool's output.
     x = _pad(x, (pad_h, pad_w))[:, : window * pooled_h + kh - 1, : window * pooled_w + kw - 1]
     kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
-    if (impl == "winograd" and (kh, kw, window) == (3, 3, 2) and not _few_input_channels(kernel)
-            and x.dtype == jnp.float32):
+    if winograd:
         return _winograd_conv_relu_pool(x, kernel, bias)
     return _direct_conv_relu_pool(x, kernel, bias, window)
 
