@@ -328,6 +328,21 @@ def _matmul_shapes(jaxpr) -> list[tuple[int, ...]]:
     return shapes
 
 
+def test_conv_relu_pool_rejects_what_does_not_fit():
+    x, kernel, bias = jnp.zeros((1, 8, 8, 4)), jnp.zeros((3, 3, 4, 6)), jnp.zeros(6)
+    with pytest.raises(ValueError, match=r"expected \[N, H, W, 4\] and \(6,\)"):
+        fc.models.conv_relu_pool(x[..., :3], kernel, bias)
+    with pytest.raises(ValueError, match=r"expected \[N, H, W, 4\] and \(6,\)"):
+        fc.models.conv_relu_pool(x, kernel, bias[:5])
+    for window in [0, 1.5]:
+        with pytest.raises(ValueError, match=f"window={window}; expected a positive integer"):
+            fc.models.conv_relu_pool(x, kernel, bias, window=window)
+        with pytest.raises(ValueError, match="expected a positive integer"):
+            fc.models.max_pool(x, window)
+    with pytest.raises(ValueError, match="relu_pool needs strides"):
+        fc.models.Conv(6, strides=(2, 2)).init(jax.random.key(0), x, relu_pool=2)
+
+
 def test_winograd_runs_16_products_where_it_applies():
     def products(x_shape, kernel_shape, dtype=jnp.float32, **kwargs):
         x, kernel = jnp.zeros(x_shape, dtype), jnp.zeros(kernel_shape, dtype)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -310,12 +311,18 @@ def max_pool(x: jax.Array, window: int = 2, relu: bool = False) -> jax.Array:
       relu: return ``max_pool(relu(x))``: the two commute, and folded together the relu's
         gradient is a mask on the pooled output instead of another pass over ``x``.
     """
+    _check_window(window)
     n, h, w, c = x.shape
     oh, ow = h // window, w // window
     if oh == 0 or ow == 0:
         raise ValueError(f"cannot max-pool a {h}x{w} feature map with a {window}x{window} window")
     # Keras's floor drops the last rows and columns; the slice's gradient pads them back.
     return _max_pool(x[:, : oh * window, : ow * window, :], window, relu)
+
+
+def _check_window(window: int) -> None:
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ValueError(f"pool window={window!r}; expected a positive integer")
 
 
 def _pool_windows(x: jax.Array, window: int) -> jax.Array:
@@ -396,19 +403,21 @@ def conv_relu_pool(
 ) -> jax.Array:
     """``max_pool(relu(conv2d(x, kernel, padding=padding) + bias), window)`` as one block.
 
-    With ``impl="winograd"`` (CPU's "auto" inside :func:`tuned_jit`), a 3x3 kernel and a 2x2
-    pool run as Winograd's F(2x2, 3x3) (Lavin & Gray, 2016): each 2x2 tile of the output is
-    made from its 4x4 input tile with 16 products per channel pair instead of 36, as 16
-    matmuls ``[N*tiles, C_in] @ [C_in, C_out]``, and the forward pass, the input gradient and
-    the kernel gradient each do 4/9 of the direct convolution's multiply-adds. The output
+    With ``impl="winograd"`` (CPU's "auto"), a 3x3 kernel and a 2x2 pool run as Winograd's
+    F(2x2, 3x3) (Lavin & Gray, 2016): each 2x2 tile of the output is made from its 4x4 input
+    tile with 16 products per channel pair instead of 36, as 16 matmuls
+    ``[N*tiles, C_in] @ [C_in, C_out]``, and the forward pass, the input gradient and the
+    kernel gradient each do 4/9 of the direct convolution's multiply-adds. The output
     transform yields the four positions of each tile separately, and those are exactly the
     pool's windows, so the pool is a max over four arrays and the output map is never
     interleaved. Values and gradients match the direct convolution to float32 rounding.
-    Layers with few input channels (``9 * C_in <= C_out``, the first), other kernels,
-    windows or dtypes than float32 compose :func:`conv2d` and :func:`max_pool` as usual.
 
-    The rows and columns of the convolution's output that the pool's floor drops are never
-    computed (the input is cropped to the rows that reach the output).
+    Otherwise (few input channels, ``9 * C_in <= C_out`` as in a first layer; other kernels,
+    windows or dtypes than float32; other formulations) the convolution runs directly: as
+    one VJP with the pool where it is ``xla_nhwc``'s (inside :func:`tuned_jit`, or a first
+    layer's patches matmul), so the pool's gradient is written once and the bias gradient
+    is summed at pooled size; else as :func:`conv2d` followed by :func:`max_pool`. Either
+    way the rows and columns that the pool's floor drops are never computed.
 
     Args:
       x: ``[N, H, W, C_in]``.
@@ -423,7 +432,11 @@ def conv_relu_pool(
       output size, the dtype of ``x``.
     """
     impl = resolve_conv_impl(impl)
-    kh, kw, _, _ = kernel.shape
+    _check_window(window)
+    kh, kw, c_in, c_out = kernel.shape
+    if x.shape[-1] != c_in or bias.shape != (c_out,):
+        raise ValueError(f"input {x.shape} and bias {bias.shape} do not fit kernel "
+                         f"{kernel.shape}: expected [N, H, W, {c_in}] and ({c_out},)")
     pad_h = _padding_amounts(padding, x.shape[1], kh, 1, axis=0)
     pad_w = _padding_amounts(padding, x.shape[2], kw, 1, axis=1)
     pooled_h = (x.shape[1] + sum(pad_h) - kh + 1) // window
@@ -445,6 +458,9 @@ def conv_relu_pool(
     return _direct_conv_relu_pool(x, kernel, bias, window)
 
 
+_NO_PADDING = ((0, 0), (0, 0))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _direct_conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, window: int
                            ) -> jax.Array:
@@ -456,7 +472,7 @@ def _direct_conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, win
 
 
 def _direct_conv_relu_pool_fwd(x, kernel, bias, window):
-    y, (y, position) = _max_pool_fwd(_conv_nhwc(x, kernel, _NO_PADDING) + bias, window, True)
+    y, (_, position) = _max_pool_fwd(_conv_nhwc(x, kernel, _NO_PADDING) + bias, window, True)
     return y, (x, kernel, y, position)
 
 
@@ -469,7 +485,6 @@ def _direct_conv_relu_pool_bwd(window, residuals, dy):
 
 
 _direct_conv_relu_pool.defvjp(_direct_conv_relu_pool_fwd, _direct_conv_relu_pool_bwd)
-_NO_PADDING = ((0, 0), (0, 0))
 
 
 # Winograd F(2x2, 3x3): B^T (input), G (filter) and A^T (output) transforms. With d a 4x4
