@@ -1,6 +1,6 @@
 """Convolution and pooling layers with a per-backend choice of formulation.
 
-Three formulations of the same 2-D convolution (NHWC inputs, HWIO kernels):
+Four formulations of the same 2-D convolution (NHWC inputs, HWIO kernels):
 
 * ``"xla"``: ``lax.conv_general_dilated`` with JAX's own gradients. Best on TPU (the MXU).
 * ``"xla_nhwc"``: the same forward convolution, with a custom VJP that writes both
@@ -124,20 +124,15 @@ def resolve_conv_impl(impl: str, backend: str | None = None, vmapped: bool = Fal
     return (_AUTO_VMAPPED_CONV_IMPL if vmapped else _AUTO_CONV_IMPL).get(backend, "xla")
 
 
-def _lone_conv_impl(impl: str, tuned: bool | None = None) -> str:
-    """The formulation of a convolution outside a Winograd block: ``"winograd"`` runs it as
-    ``"xla_nhwc"`` inside :func:`tuned_jit`, whose :data:`COMPILER_OPTIONS` keep XLA:CPU's
-    convolutions on Eigen, and as ``"im2col"`` elsewhere (on YNNPACK, XLA's convolutions
-    are the slower); every other formulation stays itself.
-
-    Args:
-      impl: a concrete formulation (see :func:`resolve_conv_impl`).
-      tuned: compiled by :func:`tuned_jit`; None reads it from the trace in progress.
-    """
+def _lone_conv_impl(impl: str) -> str:
+    """The formulation of a convolution outside a Winograd block, for the trace in progress:
+    ``"winograd"`` runs it as ``"xla_nhwc"`` inside :func:`tuned_jit`, whose
+    :data:`COMPILER_OPTIONS` keep XLA:CPU's convolutions on Eigen, and as ``"im2col"``
+    elsewhere (on YNNPACK, XLA's convolutions are the slower); every other concrete
+    formulation stays itself."""
     if impl != "winograd":
         return impl
-    tuned = _tracing_tuned.get() if tuned is None else tuned
-    return "xla_nhwc" if tuned and COMPILER_OPTIONS else "im2col"
+    return "xla_nhwc" if _tracing_tuned.get() and COMPILER_OPTIONS else "im2col"
 
 
 def _padding_amounts(padding: str | Sequence[tuple[int, int]], size: int, k: int, s: int,
@@ -178,8 +173,9 @@ def conv2d(
       kernel: ``[kh, kw, C_in, C_out]`` filters.
       strides: ``(sh, sw)``.
       padding: ``"VALID"``, ``"SAME"`` or explicit ``((top, bottom), (left, right))``.
-      impl: one of ``CONV_IMPLS`` (see the module docstring); a lone convolution runs
-        ``"winograd"`` as ``"xla_nhwc"``.
+      impl: one of ``CONV_IMPLS`` (see the module docstring); ``"winograd"`` applies to
+        :func:`conv_relu_pool`, and a lone convolution runs it as ``"xla_nhwc"`` inside
+        :func:`tuned_jit` and as ``"im2col"`` elsewhere.
 
     Returns:
       ``[N, H_out, W_out, C_out]``, with the dtype of ``x``; all formulations agree to
