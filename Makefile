@@ -1,5 +1,8 @@
 # The two commands of the quick start:  make mnist  and  make test.
 # Both create .venv (once) with flaxconv and its dev extras.
+# Another interpreter gets its own venv (command-line variables override these), e.g. as
+# .ci/run does for Python 3.13:
+#   make test PYTHON=python3.13 VENV=.venv313 ARGS="tests/test_steps.py"
 PYTHON ?= python3
 VENV := .venv
 # Offline datasets: use ../shared/datasets when it sits beside the clone, else tfds downloads.

@@ -979,7 +979,8 @@ def _import_tfds():
     except ImportError as err:
         raise ImportError(
             f"the tfds source needs tensorflow_datasets and tensorflow ({err}); install "
-            "flaxconv[tfds], or use source='raw' with FLAXCONV_DATA_DIR"
+            "flaxconv[tfds] (flaxconv[tfds,tf] where no TensorFlow is installed), or use "
+            "source='raw' with FLAXCONV_DATA_DIR"
         ) from err
     return tfds
 

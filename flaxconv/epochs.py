@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxconv.models.layers import tuned_jit
 from flaxconv.state import TrainState
 from flaxconv.steps import Batch, Metrics, eval_step_fn, train_step_fn
 
@@ -129,12 +128,11 @@ def evaluate_fn(
     return sum_over_batches(partial(eval_step_fn, state), images, labels, indices, mask)
 
 
-#: :func:`train_epoch_fn` as a top-level tuned jit (the CPU's fastest convolutions, see
-#: :func:`flaxconv.models.tuned_jit`) that donates the incoming state: the library's loops.
-#: Inside your own ``jax.jit``, call :func:`train_epoch_fn` instead.
-train_epoch = tuned_jit(train_epoch_fn, donate_argnums=0)
-#: :func:`evaluate_fn` as a top-level tuned jit.
-evaluate_arrays = tuned_jit(evaluate_fn)
+#: :func:`train_epoch_fn` jitted, donating the incoming state: the library's loops. Inside
+#: your own ``jax.jit``, call :func:`train_epoch_fn` instead.
+train_epoch = jax.jit(train_epoch_fn, donate_argnums=0)
+#: :func:`evaluate_fn` jitted.
+evaluate_arrays = jax.jit(evaluate_fn)
 
 
 def evaluate(

@@ -40,9 +40,8 @@ from flaxconv import optim, parallel
 from flaxconv.callbacks import Callback
 from flaxconv.checkpoint import Checkpoints
 from flaxconv.metrics import check_labels, num_classes
-from flaxconv.models.layers import tuned_jit
 from flaxconv.state import TrainState
-from flaxconv.steps import train_step_fn
+from flaxconv.steps import explain_kernels, train_step_fn
 
 History = dict[str, list[float]]
 ArrayData = tuple[Any, Any]
@@ -50,7 +49,8 @@ ArrayData = tuple[Any, Any]
 # Data-order keys live in their own fold_in domain, apart from the per-step keys.
 _DATA_ORDER_DOMAIN = 0x7FFFFFFF
 
-_train_step_donated = tuned_jit(train_step_fn, donate_argnums=0)
+# The public train_step's function, donating the state the loop no longer needs.
+_train_step_donated = jax.jit(train_step_fn, donate_argnums=0)
 
 __all__ = [
     "History",
@@ -174,6 +174,19 @@ def _train_epoch_arrays(state, images, labels, plan, key, progress, chunks):
         progress.advance(int(hi - lo))
     sums = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *per_step)
     return state, sums
+
+
+def _scan_chunks(state: TrainState, plan: ep.EpochPlan, verbose: str) -> int:
+    """How many jitted calls an epoch on arrays takes: one scan (20 with a progress bar),
+    or, on CPU, one per step when the model has a convolution that the kernel seam leaves
+    to XLA: XLA:CPU runs JAX's own convolution gradients as a naive loop inside a
+    ``lax.scan`` (jax-ml/jax#12868), several times slower than the same step called alone."""
+    if jax.default_backend() == "cpu":
+        images = jax.ShapeDtypeStruct((plan.batch_size, *state.input_shape), np.uint8)
+        if any(choice.fallback and choice.op.startswith("conv")
+               for choice in explain_kernels(state, images)):
+            return plan.steps
+    return 20 if verbose == "bar" else 1
 
 
 def _train_epoch_stream(state, batches: Iterable[dict], progress, classes: int):
@@ -442,7 +455,7 @@ def fit(
             if hasattr(callback, "on_train_begin"):
                 callback.on_train_begin(state, workdir)
         progress = _Progress(verbose, epochs, steps_per_epoch)
-        chunks = 20 if verbose == "bar" else 1
+        chunks = None if streaming else _scan_chunks(state, plan, verbose)
         last = start_epoch if stopped else epochs  # a stopped run stays stopped
         for epoch in range(start_epoch, last):
             progress.begin(epoch)

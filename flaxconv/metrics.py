@@ -41,7 +41,6 @@ import numpy as np
 import optax
 
 from flaxconv import epochs as ep
-from flaxconv.models.layers import tuned_jit
 from flaxconv.state import TrainState
 from flaxconv.steps import predict_fn
 
@@ -257,7 +256,7 @@ def compute(sums: dict[str, Any], spec: Spec) -> dict[str, Any]:
     return out
 
 
-@partial(tuned_jit, static_argnames="spec")
+@partial(jax.jit, static_argnames="spec")
 def _evaluate_arrays(state, images, labels, indices, mask, spec):
     def batch_stats(batch):
         logits = predict_fn(state, batch["image"])

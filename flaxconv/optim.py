@@ -1,9 +1,12 @@
-"""The Optax optimizer factory, with Keras's option names and defaults.
+"""The Optax optimizer factory, with Keras's option names, defaults and update rules.
 
 >>> tx = flaxconv.optim.make("rmsprop", learning_rate=1e-3)       # Keras's RMSprop, exactly
 >>> tx = flaxconv.optim.make("sgd", learning_rate=0.01, momentum=0.9, nesterov=True)
 >>> tx = flaxconv.optim.make("adam", learning_rate=optax.cosine_decay_schedule(1e-3, 5000))
 >>> tx = flaxconv.optim.make("rmsprop", 1e-3, frozen=("conv_*", "bn_*"))  # train the head only
+>>> tx = flaxconv.optim.make("adam", 1e-3, weight_decay=1e-4, exclude_from_weight_decay="*/bias")
+>>> tx = flaxconv.optim.make("sgd", 0.1, use_ema=True, ema_momentum=0.99)
+>>> averaged = flaxconv.optim.ema_params(state.opt_state, state.params)
 
 The learning rate is always injected into the optimizer state
 (``optax.inject_hyperparams``): callbacks such as ReduceLROnPlateau and populations of
@@ -14,25 +17,52 @@ Freezing (fine-tuning) is by layer-name pattern: :func:`freeze` restricts any op
 the trainable parameters (``optax.masked``) and gives the frozen ones zero updates: no
 change, and no optimizer state (moments are kept for the trainable leaves only).
 ``make(..., frozen=...)`` is ``freeze`` applied inside the learning-rate injection.
+
+One update of :func:`make`'s optimizer is Keras's ``optimizer.apply`` (``keras/src/
+optimizers/base_optimizer.py``), in Keras's order: clip the gradients; the optimizer's own
+step; decoupled weight decay ``x -= lr * wd * x``; the moving average of the weights
+(``use_ema``), which every ``ema_overwrite_frequency`` steps replaces the weights.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import numbers
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-# Keras's option names and defaults per optimizer.
+# Keras's option names and defaults per optimizer (epsilon_placement is flaxconv's).
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "adam": dict(beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=None, nesterov=False),
+    "adam": dict(beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False, weight_decay=None,
+                 nesterov=False, epsilon_placement="keras"),
     "rmsprop": dict(rho=0.9, momentum=0.0, epsilon=1e-7, centered=False, weight_decay=None),
     "sgd": dict(momentum=0.0, nesterov=False, weight_decay=None),
 }
 CLIP_OPTIONS = dict(clipnorm=None, global_clipnorm=None, clipvalue=None)
+# Keras's base-optimizer options, taken by every optimizer; exclude_from_weight_decay is
+# Keras's method of that name, given here as layer-name patterns (see layer_mask).
+COMMON_OPTIONS = dict(**CLIP_OPTIONS, use_ema=False, ema_momentum=0.99,
+                      ema_overwrite_frequency=None, exclude_from_weight_decay=())
+
+# The valid values of numeric options: a test and its description for the error message.
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "momentum": (lambda x: 0 <= x <= 1, "a number in [0, 1]"),
+    "rho": (lambda x: 0 <= x < 1, "a number in [0, 1)"),
+    "beta_1": (lambda x: 0 <= x < 1, "a number in [0, 1)"),
+    "beta_2": (lambda x: 0 <= x < 1, "a number in [0, 1)"),
+    "epsilon": (lambda x: x >= 0, "a number >= 0"),
+    "weight_decay": (lambda x: x >= 0, "None or a number >= 0"),
+    "clipnorm": (lambda x: x > 0, "None or a number > 0"),
+    "global_clipnorm": (lambda x: x > 0, "None or a number > 0"),
+    "clipvalue": (lambda x: x > 0, "None or a number > 0"),
+    "ema_momentum": (lambda x: 0 <= x <= 1, "a number in [0, 1]"),
+}
+_FLAGS = ("amsgrad", "nesterov", "centered", "use_ema")
+EPSILON_PLACEMENTS = ("keras", "optax")
 
 
 def names() -> tuple[str, ...]:
@@ -40,9 +70,44 @@ def names() -> tuple[str, ...]:
     return tuple(DEFAULTS)
 
 
+def _is_number(x: Any) -> bool:
+    # numbers.Real takes Python and NumPy scalars; bool is an int but no number here,
+    # and NaN fails every range test.
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_options(o: dict[str, Any]) -> None:
+    """Raises a ValueError naming the first option outside its valid values."""
+    for key, (ok, expected) in _RANGES.items():
+        if key not in o or (o[key] is None and expected.startswith("None")):
+            continue
+        if not (_is_number(o[key]) and ok(o[key])):
+            raise ValueError(f"{key}={o[key]!r}; expected {expected}")
+    for key in _FLAGS:
+        if key in o and not isinstance(o[key], bool):
+            raise ValueError(f"{key}={o[key]!r}; expected True or False")
+    frequency = o["ema_overwrite_frequency"]
+    if frequency is not None and not (
+        isinstance(frequency, numbers.Integral) and not isinstance(frequency, bool)
+        and frequency >= 1
+    ):
+        raise ValueError(
+            f"ema_overwrite_frequency={frequency!r}; expected None or an integer >= 1"
+        )
+    if o.get("epsilon_placement", "keras") not in EPSILON_PLACEMENTS:
+        raise ValueError(
+            f"epsilon_placement={o['epsilon_placement']!r}; expected one of "
+            f"{list(EPSILON_PLACEMENTS)}"
+        )
+    clips = {k: o[k] for k in CLIP_OPTIONS if o[k] is not None}
+    if len(clips) > 1:  # as Keras: which one would win is not obvious
+        raise ValueError(f"clipping options {clips}; expected at most one of {list(CLIP_OPTIONS)}")
+
+
 def _base(name: str, learning_rate: Any, o: dict[str, Any]) -> optax.GradientTransformation:
     if name == "rmsprop":
-        # Keras adds epsilon inside the square root: lr * g / sqrt(v + eps).
+        # Keras adds epsilon inside the square root, lr * g / sqrt(v + eps), and its
+        # momentum accumulates these lr-scaled steps, as optax.rmsprop does.
         return optax.rmsprop(
             learning_rate,
             decay=o["rho"],
@@ -52,16 +117,15 @@ def _base(name: str, learning_rate: Any, o: dict[str, Any]) -> optax.GradientTra
             momentum=o["momentum"] or None,
         )
     if name == "adam":
-        # Keras's epsilon is the paper's "epsilon hat" (added to the uncorrected sqrt(v));
-        # optax adds it to the bias-corrected one. They differ only in the first steps.
-        if o["weight_decay"]:
-            return optax.adamw(
-                learning_rate, o["beta_1"], o["beta_2"], o["epsilon"],
-                weight_decay=o["weight_decay"], nesterov=o["nesterov"],
-            )
-        return optax.adam(
-            learning_rate, o["beta_1"], o["beta_2"], o["epsilon"], nesterov=o["nesterov"]
+        return optax.chain(
+            scale_by_adam(
+                o["beta_1"], o["beta_2"], o["epsilon"], amsgrad=o["amsgrad"],
+                nesterov=o["nesterov"], epsilon_placement=o["epsilon_placement"],
+            ),
+            optax.scale_by_learning_rate(learning_rate),
         )
+    # optax's trace sums raw gradients and the current learning rate scales the sum;
+    # Keras's sums lr-scaled gradients. The same for a constant learning rate.
     return optax.sgd(learning_rate, momentum=o["momentum"] or None, nesterov=o["nesterov"])
 
 
@@ -76,45 +140,62 @@ def make(
 
     Args:
       name: "adam", "rmsprop" or "sgd".
-      learning_rate: a float or an Optax schedule (a function of the step count).
+      learning_rate: a number >= 0 or an Optax schedule (a function of the step count).
       frozen: layer-name patterns of parameters that get no update and no optimizer state
         (see :func:`freeze`); checked against the parameters when the optimizer is
         initialized. BatchNorm statistics are not parameters: to keep them too, freeze
         with :func:`flaxconv.finetune.freeze`, which also runs those layers in inference
         mode.
-      **options: Keras's option names, defaults as in Keras:
-        adam: ``beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=None, nesterov=False``
-        (decoupled weight decay, AdamW, when set);
-        rmsprop: ``rho=0.9, momentum=0.0, epsilon=1e-7, centered=False`` (epsilon inside
-        the square root, as Keras; ``weight_decay`` adds ``wd * param`` to the update);
-        sgd: ``momentum=0.0, nesterov=False, weight_decay=None``;
-        all: ``clipnorm`` (per-parameter norm), ``global_clipnorm``, ``clipvalue``.
+      **options: Keras's option names, defaults and valid ranges as in Keras:
+        adam: ``beta_1=0.9, beta_2=0.999`` (in [0, 1)), ``epsilon=1e-7, amsgrad=False,
+        nesterov=False`` and ``epsilon_placement="keras"``: Keras's update
+        ``lr * sqrt(1 - beta_2^t) / (1 - beta_1^t) * m / (sqrt(v) + epsilon)``;
+        ``"optax"`` gives optax.adam's ``lr * m_hat / (sqrt(v_hat) + epsilon)`` (see
+        :func:`scale_by_adam`);
+        rmsprop: ``rho=0.9`` (in [0, 1)), ``momentum=0.0, epsilon=1e-7, centered=False``
+        (epsilon inside the square root, as Keras);
+        sgd: ``momentum=0.0`` (in [0, 1]), ``nesterov=False``; with momentum, optax's
+        trace of gradients is scaled by the current learning rate, where Keras's
+        velocity sums ``lr * g``: the same unless the learning rate changes;
+        all: ``weight_decay=None``: Keras's decoupled decay ``x -= lr * wd * x`` at each
+        step, apart from the gradient step (for adam that is AdamW);
+        ``exclude_from_weight_decay=()``: layer-name patterns (see :func:`layer_mask`,
+        e.g. ``"*/bias"``, ``"bn_*"``) of parameters that are not decayed (Keras takes
+        substrings of variable names: its ``["bias"]`` is ``"*/bias"`` here);
+        ``clipnorm`` (each parameter's gradient by its own norm), ``global_clipnorm``,
+        ``clipvalue``: at most one of them;
+        ``use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None``: keep Keras's
+        moving average of the weights in the optimizer state (see :func:`weight_ema`); every
+        ``ema_overwrite_frequency`` steps the weights are replaced by it. Keras's ``fit``
+        also replaces them at the end of training; flaxconv's does not: take
+        :func:`ema_params` yourself.
 
     Returns:
       An ``optax.GradientTransformation`` whose state carries
       ``hyperparams["learning_rate"]``.
 
     Raises:
-      ValueError: an unknown optimizer or option, naming the valid ones; a learning rate
-      that is neither a positive number nor a callable; (at ``init``) a ``frozen`` pattern
-      that matches no parameter, listing the layer names.
+      ValueError: an unknown optimizer or option, naming the valid ones; an option out of
+      its range, naming the value and the range; more than one clipping option; (at
+      ``init``) a ``frozen`` or ``exclude_from_weight_decay`` pattern that matches no
+      parameter, listing the layer names.
     """
     if name not in DEFAULTS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {list(DEFAULTS)}")
-    valid = {**DEFAULTS[name], **CLIP_OPTIONS}
+    valid = {**DEFAULTS[name], **COMMON_OPTIONS}
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
             f"unknown options {unknown} for optimizer {name!r}; expected some of {sorted(valid)}"
         )
-    if not callable(learning_rate) and not (
-        isinstance(learning_rate, int | float) and learning_rate > 0
-    ):
+    if not callable(learning_rate) and not (_is_number(learning_rate) and learning_rate >= 0):
         raise ValueError(
-            f"learning_rate={learning_rate!r}; expected a positive number or an optax schedule"
+            f"learning_rate={learning_rate!r}; expected a number >= 0 or an optax schedule"
         )
     o = {**valid, **options}
+    _check_options(o)
     frozen = _patterns(frozen, "frozen")
+    excluded = _patterns(o["exclude_from_weight_decay"], "exclude_from_weight_decay")
 
     def build(learning_rate):
         parts = []
@@ -125,15 +206,39 @@ def make(
             parts.append(_clip_each_by_norm(o["clipnorm"]))
         if o["global_clipnorm"] is not None:
             parts.append(optax.clip_by_global_norm(o["global_clipnorm"]))
-        if o["weight_decay"] and name != "adam":
-            parts.append(optax.add_decayed_weights(o["weight_decay"]))
         parts.append(_base(name, learning_rate, o))
+        if o["weight_decay"]:
+            # Keras: x -= lr * wd * x, beside (not through) the moments and the momentum.
+            mask = _decayed(excluded) if excluded else None
+            parts.append(optax.add_decayed_weights(-learning_rate * o["weight_decay"], mask))
+        if o["use_ema"]:
+            parts.append(weight_ema(o["ema_momentum"], o["ema_overwrite_frequency"]))
         tx = optax.chain(*parts) if len(parts) > 1 else parts[0]
         # Inside the injection, so the learning rate stays at opt_state.hyperparams and
-        # clipping / weight decay see the trainable parameters only (as Keras's do).
+        # clipping, weight decay and the average see the trainable parameters only (as
+        # Keras's do).
         return freeze(tx, frozen) if frozen else tx
 
-    return optax.inject_hyperparams(build)(learning_rate=learning_rate)
+    tx = optax.inject_hyperparams(build)(learning_rate=learning_rate)
+    if not (o["weight_decay"] and excluded):
+        return tx
+
+    def init_fn(params):
+        # Checked here, against all the parameters: inside, frozen ones are hidden.
+        layer_mask(params, excluded, "exclude_from_weight_decay")
+        return tx.init(params)
+
+    return tx._replace(init=init_fn)
+
+
+def _decayed(excluded: tuple[str, ...]) -> Callable[[Any], Any]:
+    """The weight-decay mask: True for the leaves outside the ``excluded`` layers."""
+
+    def mask(params):
+        # Not strict: inside freeze the frozen leaves are hidden; make checks at init.
+        return jax.tree.map(lambda e: not e, layer_mask(params, excluded, strict=False))
+
+    return mask
 
 
 def _clip_each_by_norm(max_norm: float) -> optax.GradientTransformation:
@@ -147,6 +252,165 @@ def _clip_each_by_norm(max_norm: float) -> optax.GradientTransformation:
         return jax.tree.map(clip, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+class ScaleByAdamState(NamedTuple):
+    """:func:`scale_by_adam`'s state: the step count and Adam's moments (uncorrected)."""
+
+    count: jax.Array  # steps taken, int32
+    mu: Any  # first moment m
+    nu: Any  # second moment v
+    nu_max: Any  # amsgrad's running maximum of v; None without amsgrad
+
+
+def scale_by_adam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-7,
+    *,
+    amsgrad: bool = False,
+    nesterov: bool = False,
+    epsilon_placement: str = "keras",
+) -> optax.GradientTransformation:
+    """Adam's step direction (to be scaled by ``-learning_rate``), Keras's by default.
+
+    With the uncorrected moments ``m = b1 m + (1 - b1) g`` and ``v = b2 v + (1 - b2) g^2``
+    at step ``t = 1, 2, ...``, and ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``::
+
+      "keras":  m_hat * sqrt(1 - b2^t) / (sqrt(v) + eps)    # Keras 3's Adam.update_step
+      "optax":  m_hat / (sqrt(v_hat) + eps)                 # optax.scale_by_adam
+
+    The two differ only in where epsilon sits: Keras's is Kingma & Ba's "epsilon hat"
+    (Adam, 2015, end of section 2), the same as optax's with ``eps / sqrt(1 - b2^t)``, so
+    ``sqrt(1000)`` times larger at the first step (b2 = 0.999), and alike once
+    ``b2^t`` is small.
+
+    amsgrad: ``v`` in the denominator becomes the running maximum of the uncorrected
+    ``v`` (Keras's rule, for both placements; Reddi et al., 2018).
+    nesterov: ``m_hat`` becomes ``b1 m / (1 - b1^(t+1)) + (1 - b1) g / (1 - b1^t)``, as
+    optax's ``nesterov=True`` (NAdam, Dozat 2016); Keras's Adam has no such option.
+    """
+    if epsilon_placement not in EPSILON_PLACEMENTS:
+        raise ValueError(
+            f"epsilon_placement={epsilon_placement!r}; expected one of {list(EPSILON_PLACEMENTS)}"
+        )
+
+    def init_fn(params):
+        zeros = optax.tree_utils.tree_zeros_like
+        return ScaleByAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=zeros(params),
+            nu=zeros(params),
+            nu_max=zeros(params) if amsgrad else None,
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        # Keras's own forms of the moment updates (equal to b m + (1 - b) g).
+        mu = jax.tree.map(lambda m, g: m + (g - m) * (1 - b1), state.mu, updates)
+        nu = jax.tree.map(lambda v, g: v + (g * g - v) * (1 - b2), state.nu, updates)
+        nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu) if amsgrad else None
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.float32)
+        c1, c2 = 1 - b1**t, 1 - b2**t  # the bias corrections
+
+        def direction(g, m, v):
+            m_hat = b1 * m / (1 - b1 ** (t + 1)) + (1 - b1) * g / c1 if nesterov else m / c1
+            if epsilon_placement == "keras":
+                u = m_hat * jnp.sqrt(c2) / (jnp.sqrt(v) + eps)
+            else:
+                u = m_hat / (jnp.sqrt(v / c2) + eps)
+            return u.astype(g.dtype)
+
+        updates = jax.tree.map(direction, updates, mu, nu_max if amsgrad else nu)
+        return updates, ScaleByAdamState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class WeightEmaState(NamedTuple):
+    """:func:`weight_ema`'s state: the step count and the average of the parameters."""
+
+    count: jax.Array  # steps taken, int32
+    average: Any  # the moving average of the parameters after each step
+
+
+def weight_ema(
+    momentum: float = 0.99, overwrite_frequency: int | None = None
+) -> optax.GradientTransformation:
+    """Keras's moving average of the weights (``use_ema``), kept in the optimizer state.
+
+    With ``x = params + updates`` the parameters after step ``t = 1, 2, ...``::
+
+      average = x                                            at t = 1
+      average = momentum * average + (1 - momentum) * x      after
+
+    and, when ``overwrite_frequency`` divides ``t``, the update becomes
+    ``average - params``: the parameters move onto the average (exactly where the
+    average is within a factor of 2 of the parameter, by Sterbenz's lemma; else to one
+    rounding). This is Keras's ``_update_model_variables_moving_average`` and
+    ``_overwrite_model_variables_with_average_value`` (keras/src/optimizers/
+    base_optimizer.py). Unlike ``optax.ema``, which averages the updates, this averages
+    the parameters; it must come last in a chain, to see the final updates, and needs
+    ``params``. :func:`ema_params` reads the average back.
+
+    Args:
+      momentum: the average's decay, in [0, 1].
+      overwrite_frequency: None (never overwrite; see :func:`ema_params`) or an integer >= 1.
+    """
+
+    def init_fn(params):
+        # The parameters themselves (step 1 replaces them), so that ema_params is
+        # meaningful before the first step.
+        average = jax.tree.map(jnp.array, params)
+        return WeightEmaState(count=jnp.zeros([], jnp.int32), average=average)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(optax.NO_PARAMS_MSG)
+        new = optax.apply_updates(params, updates)
+        decay = jnp.where(state.count == 0, 0.0, momentum)
+        average = jax.tree.map(
+            lambda a, x: (decay * a + (1 - decay) * x).astype(a.dtype), state.average, new
+        )
+        count = optax.safe_increment(state.count)
+        if overwrite_frequency:
+            overwrite = count % overwrite_frequency == 0
+            updates = jax.tree.map(
+                lambda u, a, p: jnp.where(overwrite, a - p, u), updates, average, params
+            )
+        return updates, WeightEmaState(count=count, average=average)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def ema_params(opt_state: Any, params: Any) -> Any:
+    """``params`` with each leaf replaced by its moving average in ``opt_state``.
+
+    The average is the one kept by ``make(..., use_ema=True)`` (:func:`weight_ema`).
+    Keras's ``fit`` ends by writing it into the model (``finalize_variable_values``);
+    flaxconv's ``fit`` does not, so do it after training::
+
+      state = state.replace(params=fc.optim.ema_params(state.opt_state, state.params))
+
+    Leaves without an average (frozen layers) are taken from ``params``.
+
+    Raises:
+      ValueError: ``opt_state`` holds no average, or more than one.
+    """
+    found = [
+        s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, WeightEmaState))
+        if isinstance(s, WeightEmaState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"the optimizer state holds {len(found)} weight averages; expected one: build "
+            "the optimizer with flaxconv.optim.make(..., use_ema=True)"
+        )
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return jax.tree.map(
+        lambda a, p: p if is_masked(a) else a, found[0].average, params, is_leaf=is_masked
+    )
 
 
 def _hyperparams(opt_state: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ Data-parallel training of your own step, with nothing from ``fit``::
 
     mesh = fc.parallel.data_mesh()                        # all devices, axis "data"
     rep, split = fc.parallel.replicated(mesh), fc.parallel.data_sharding(mesh)
-    step = fc.models.tuned_jit(fc.train_step_fn, in_shardings=(rep, split),
+    step = jax.jit(fc.train_step_fn, in_shardings=(rep, split),
                                out_shardings=(rep, rep), donate_argnums=0)
     state = fc.parallel.replicate(state, mesh)
     for batch in fc.data.batches(images, labels, batch_size=512, shuffle=True):

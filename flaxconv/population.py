@@ -46,7 +46,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxconv import optim, parallel
 from flaxconv.epochs import EpochPlan, epoch_plan, evaluate_fn, sum_over_batches, train_epoch_fn
-from flaxconv.models.layers import resolve_conv_impl, tuned_jit
 from flaxconv.state import TrainState, create_train_state
 from flaxconv.steps import Batch, Metrics, check_batch, loss_fn, predict_fn, summarize
 
@@ -164,12 +163,10 @@ def resolve_vmap_size(vmap_size: int | None, num_models: int, backend: str | Non
     return min(int(vmap_size), num_models)
 
 
-def _vmapped_model(model: nn.Module) -> nn.Module:
-    # Under vmap with per-member kernels XLA's convolutions become grouped convolutions;
-    # conv_impl="auto" resolves to the formulation measured best for that case.
-    if getattr(model, "conv_impl", None) == "auto":
-        return model.clone(conv_impl=resolve_conv_impl("auto", vmapped=True))
-    return model
+def _vmapped_kernels(kernels: str) -> str:
+    # Under vmap with per-member kernels a convolution becomes a grouped convolution, slow
+    # on XLA:CPU; as im2col it is a batched matmul (flaxconv.kernels.policy).
+    return "im2col" if kernels in ("auto", "cpu") else kernels
 
 
 def create_population(
@@ -295,10 +292,10 @@ def train_population_epoch_fn(
         return train_epoch_fn(state, images, labels, member_indices, mask)
 
     if size == k and k > 1:  # one member alone runs the unbatched step, like a lone model
-        vmapped = states.replace(model=_vmapped_model(states.model))
+        vmapped = states.replace(kernels=_vmapped_kernels(states.kernels))
         run = jax.vmap(member_epoch, in_axes=(0, 0 if per_member else None))
         new, sums = run(vmapped, indices)
-        return new.replace(model=states.model), sums
+        return new.replace(kernels=states.kernels), sums
     if per_member:
         return jax.lax.map(lambda xs: member_epoch(*xs), (states, indices),
                            batch_size=size if size > 1 else None)
@@ -308,8 +305,7 @@ def train_population_epoch_fn(
 
 # Donates the population: the library's loop owns it, and K copies of the model and
 # optimizer state would otherwise be live twice at the end of each epoch.
-# A tuned jit: members that take turns run the CPU's Eigen convolutions.
-_train_population_epoch = tuned_jit(
+_train_population_epoch = jax.jit(
     train_population_epoch_fn, donate_argnums=0, static_argnames="vmap_size"
 )
 

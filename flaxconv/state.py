@@ -12,6 +12,8 @@ import numpy as np
 import optax
 from flax import struct
 
+from flaxconv.kernels import policy_name
+
 
 class TrainState(struct.PyTreeNode):
     """The whole training state; a pytree, so it jits, vmaps, scans, shards and checkpoints.
@@ -27,6 +29,11 @@ class TrainState(struct.PyTreeNode):
       tx: the Optax optimizer (static).
       input_shape: ``(H, W, C)`` the model was built for (static); batches are checked
         against it when a step is traced.
+      kernels: which formulations compute the model's convolutions and pools in every step
+        (static; :mod:`flaxconv.kernels`): ``"auto"`` (the fastest measured on the backend
+        the step is traced for), ``"xla"`` (opt out: XLA's own operations), or a backend's
+        table, ``"cpu"``/``"gpu"``. ``state.replace(kernels="xla")`` switches a state over;
+        being static, it retraces the steps rather than reusing a compiled one.
     """
 
     step: jax.Array
@@ -37,6 +44,7 @@ class TrainState(struct.PyTreeNode):
     model: nn.Module = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     input_shape: tuple[int, ...] = struct.field(pytree_node=False)
+    kernels: str = struct.field(pytree_node=False, default="auto")
 
     def variables(self, params: Any = None) -> dict[str, Any]:
         """The variables dict for ``model.apply`` (``params`` overrides the state's)."""
@@ -57,6 +65,8 @@ def create_train_state(
     model: nn.Module,
     tx: optax.GradientTransformation,
     sample_input: Any,
+    *,
+    kernels: str | None = None,
 ) -> TrainState:
     """Initializes ``model`` and ``tx`` into a :class:`TrainState`.
 
@@ -67,6 +77,8 @@ def create_train_state(
       tx: an Optax optimizer (e.g. from ``flaxconv.optim.make``).
       sample_input: an array (or anything with ``.shape``) of shape ``[N, H, W, C]``;
         only its shape is used. uint8 images are fine.
+      kernels: the state's :attr:`TrainState.kernels`; None reads the environment variable
+        ``FLAXCONV_KERNELS`` (default ``"auto"``).
 
     Returns:
       A state at step 0. Deterministic in ``key``.
@@ -74,6 +86,7 @@ def create_train_state(
     shape = tuple(np.shape(sample_input))
     if len(shape) != 4:
         raise ValueError(f"sample_input has shape {shape}; expected [N, H, W, C]")
+    kernels = policy_name(kernels)
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
     init_key, train_key = jax.random.split(key)
@@ -89,6 +102,7 @@ def create_train_state(
         model=model,
         tx=tx,
         input_shape=shape[1:],
+        kernels=kernels,
     )
 
 

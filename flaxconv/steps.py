@@ -13,7 +13,12 @@ batches (see :func:`summarize`):
 
 ``train_step``, ``eval_step`` and ``predict`` are ``jax.jit``-ed and do not donate their
 inputs (a caller's earlier state stays valid); ``*_fn`` are the same functions un-jitted,
-for composing inside a caller's own ``jit``/``scan``/``vmap``.
+for composing inside a caller's own ``jit``/``scan``/``vmap``. They are the steps that
+``fc.fit``, ``fc.epochs`` and the populations run, too.
+
+Every step calls the model through :func:`apply_model`, the one place where the kernel
+seam (:mod:`flaxconv.kernels`) gives its convolutions and pools their fast formulations,
+chosen by ``state.kernels``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flaxconv import kernels
 from flaxconv.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -77,6 +83,45 @@ def check_batch(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array, 
     return prepare_images(images), labels.astype(jnp.int32), mask.astype(jnp.float32)
 
 
+def apply_model(state: TrainState, variables: Any, images: jax.Array, *, train: bool,
+                rngs: dict[str, jax.Array] | None = None, **apply_kwargs: Any) -> Any:
+    """``state.model.apply(variables, images, train=train, rngs=rngs, **apply_kwargs)``
+    through the kernel seam: :func:`flaxconv.kernels.rewrite` with ``state.kernels``.
+
+    ``apply_kwargs`` (``mutable``, ``capture_intermediates``, ...) are static. Returns what
+    ``apply`` returns, with the same values and gradients to float32 rounding.
+    """
+
+    forward = _forward(state, train, **apply_kwargs)
+    return kernels.rewrite(forward, state.kernels)(variables, images, rngs)
+
+
+def _forward(state: TrainState, train: bool, **apply_kwargs: Any):
+    """The model's pass as a function of arrays only, the form the kernel seam takes."""
+
+    def forward(variables, images, rngs):
+        return state.model.apply(variables, images, train=train, rngs=rngs, **apply_kwargs)
+
+    return forward
+
+
+def explain_kernels(state: TrainState, images: Any, train: bool = True
+                    ) -> list[kernels.Choice]:
+    """Which formulation computes each convolution and pool of ``state``'s model in its
+    steps (``train=True``: the training pass; False: evaluation and prediction).
+
+    ``images`` is anything with a ``shape`` ``[B, H, W, C]`` (and ``dtype``); nothing is
+    computed. A :class:`flaxconv.kernels.Choice` per layer, in trace order; XLA's own
+    operations (the fallback) read ``"xla (reason)"``.
+    """
+    check_images(state, images)
+    x = jax.ShapeDtypeStruct(tuple(np.shape(images)), jnp.float32)
+    mutable = ["batch_stats"] if train and state.batch_stats else False
+    rngs = state.step_rngs() if train else None
+    return kernels.explain(_forward(state, train, mutable=mutable), state.variables(), x, rngs,
+                           policy=state.kernels)
+
+
 def batch_metrics(logits: jax.Array, labels: jax.Array, losses: jax.Array, mask: jax.Array):
     """Summable metrics of one batch: masked loss sum, correct count, example count."""
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
@@ -95,9 +140,8 @@ def loss_fn(
     Returns ``(loss, (metric sums, new batch_stats))``; differentiable in ``params``.
     """
     mutable = ["batch_stats"] if state.batch_stats else False
-    out = state.model.apply(
-        state.variables(params), images, train=True, rngs=state.step_rngs(), mutable=mutable
-    )
+    out = apply_model(state, state.variables(params), images, train=True,
+                      rngs=state.step_rngs(), mutable=mutable)
     logits, updates = out if mutable else (out, {})
     logits = logits.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -129,7 +173,7 @@ def eval_step_fn(state: TrainState, batch: Batch) -> Metrics:
     (float32 ``[num_classes, num_classes]``, rows = true class, columns = predicted).
     """
     images, labels, mask = check_batch(state, batch)
-    logits = state.model.apply(state.variables(), images, train=False).astype(jnp.float32)
+    logits = apply_model(state, state.variables(), images, train=False).astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     metrics = batch_metrics(logits, labels, losses, mask)
     num_classes = logits.shape[-1]
@@ -142,9 +186,8 @@ def eval_step_fn(state: TrainState, batch: Batch) -> Metrics:
 def predict_fn(state: TrainState, images: jax.Array) -> jax.Array:
     """Float32 logits ``[B, num_classes]`` in inference mode for uint8 or float images."""
     check_images(state, images)
-    return state.model.apply(state.variables(), prepare_images(images), train=False).astype(
-        jnp.float32
-    )
+    logits = apply_model(state, state.variables(), prepare_images(images), train=False)
+    return logits.astype(jnp.float32)
 
 
 #: ``train_step(state, batch) -> (state, metrics)``: jitted, no donation.

@@ -25,9 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxconv import optim
-from flaxconv.models.layers import tuned_jit
 from flaxconv.state import TrainState
-from flaxconv.steps import check_images, prepare_images
+from flaxconv.steps import apply_model, check_images, prepare_images
 
 
 def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple]:
@@ -206,7 +205,8 @@ def map_layers(state: TrainState, layers: str | Sequence[str] | None = None) -> 
 
 def _capture_fn(state: TrainState, images: jax.Array, names: tuple[str, ...]):
     names_set = set(names)
-    _, captured = state.model.apply(
+    _, captured = apply_model(
+        state,
         state.variables(),
         prepare_images(images),
         train=False,
@@ -218,7 +218,7 @@ def _capture_fn(state: TrainState, images: jax.Array, names: tuple[str, ...]):
     return {name: captured["intermediates"][name]["__call__"][0] for name in names}
 
 
-_capture = tuned_jit(_capture_fn, static_argnums=2)
+_capture = jax.jit(_capture_fn, static_argnums=2)
 
 
 def activations(

@@ -4,30 +4,22 @@
 >>> model = flaxconv.models.get("fashion_cnn", num_classes=24, dropout_rate=0.5)
 >>> flaxconv.models.names()
 
-Every module here is called as ``model.apply(variables, x, train=bool)`` and returns
-float32 logits ``[N, num_classes]``.
+Every module here is a plain Flax module (``nn.Conv``, ``nn.max_pool``, ``nn.Dense``, ...),
+called as ``model.apply(variables, x, train=bool)``, and returns float32 logits
+``[N, num_classes]``. Their speed comes from :mod:`flaxconv.kernels`, which serves a
+hand-written module the same way.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import flax.linen as nn
+import jax
 
 from flaxconv.models.convstack import ConvStack
-from flaxconv.models.layers import (
-    COMPILER_OPTIONS,
-    CONV_IMPLS,
-    INITIALIZERS,
-    Conv,
-    Flatten,
-    MaxPool,
-    conv2d,
-    conv_relu_pool,
-    max_pool,
-    resolve_conv_impl,
-    tuned_jit,
-)
+from flaxconv.models.layers import INITIALIZERS, Flatten, MaxPool, initializer
 
 # The seed notebooks' architectures, as ConvStack settings.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -68,20 +60,24 @@ def get(name: str, num_classes: int = 10, **overrides: Any) -> nn.Module:
     return ConvStack(**{**PRESETS[name], "num_classes": num_classes, **overrides})
 
 
+def __getattr__(name: str) -> Any:
+    # Kept one release: the formulations moved behind flaxconv.kernels, which every step
+    # applies, so a plain jax.jit is the fast one.
+    if name == "tuned_jit":
+        warnings.warn("flaxconv.models.tuned_jit is deprecated: every step now gets the fast "
+                      "formulations in a plain jax.jit (flaxconv.kernels); use jax.jit",
+                      DeprecationWarning, stacklevel=2)
+        return jax.jit
+    raise AttributeError(f"module 'flaxconv.models' has no attribute {name!r}")
+
+
 __all__ = [
-    "COMPILER_OPTIONS",
-    "CONV_IMPLS",
     "INITIALIZERS",
     "PRESETS",
-    "Conv",
     "ConvStack",
     "Flatten",
     "MaxPool",
-    "conv2d",
-    "conv_relu_pool",
     "get",
-    "max_pool",
+    "initializer",
     "names",
-    "resolve_conv_impl",
-    "tuned_jit",
 ]

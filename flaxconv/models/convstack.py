@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxconv.models.layers import Conv, Flatten, MaxPool, initializer
+from flaxconv.models.layers import Flatten, MaxPool, initializer
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
@@ -35,7 +35,10 @@ POOL_WINDOW = 2
 
 
 class ConvStack(nn.Module):
-    """Conv blocks, then a dense head: the shape of every textbook convnet.
+    """Conv blocks, then a dense head: the shape of every textbook convnet. Plain Flax
+    layers (``nn.Conv``, ``nn.BatchNorm``, ``nn.relu``, ``nn.max_pool``, ``nn.Dense``); the
+    library's steps give them their fast formulations (:mod:`flaxconv.kernels`), as they
+    do any other module's.
 
     ``[N, H, W, C] float -> [N, num_classes]`` logits (the loss folds in the softmax).
     Layer names are stable so summaries, feature maps and freezing masks can refer to them:
@@ -54,11 +57,6 @@ class ConvStack(nn.Module):
         (Keras's BatchNormalization with ``trainable=False``; set by
         ``flaxconv.finetune.freeze``).
       dropout_rate: dropout right before ``head``, active only with ``train=True``.
-      conv_impl: "auto" | "xla" | "xla_nhwc" | "winograd" | "im2col" (see
-        ``flaxconv.models.layers``). With ``train=True`` each conv -> relu -> pool block
-        (no BatchNorm) is one :func:`~flaxconv.models.layers.conv_relu_pool`, so a
-        ``conv_i`` captured in training is already pooled; with ``train=False`` every
-        layer has its own output.
       kernel_init: initializer name; Keras's glorot-uniform reproduces the textbook numbers.
       dtype: computation dtype, e.g. ``jnp.bfloat16`` for mixed precision; parameters,
         the logits and the loss stay float32.
@@ -83,7 +81,6 @@ class ConvStack(nn.Module):
     batch_norm: bool = False
     frozen_batch_norm: tuple[str, ...] = ()
     dropout_rate: float = 0.0
-    conv_impl: str = "auto"
     kernel_init: str = "glorot_uniform"
     dtype: Any = None
     augment: Sequence[nn.Module] = ()
@@ -144,23 +141,15 @@ class ConvStack(nn.Module):
             x = x[:, :rows, :columns]
         x = x.astype(dtype)
         for i, (width, pool) in enumerate(zip(self.features, self.pool_after(), strict=True)):
-            conv = Conv(
+            x = nn.Conv(
                 width,
-                self.kernel_size,
+                tuple(self.kernel_size),
                 padding=self.padding,
                 use_bias=not self.batch_norm,
-                impl=self.conv_impl,
-                kernel_init=self.kernel_init,
+                kernel_init=initializer(self.kernel_init),
                 dtype=dtype,
                 name=f"conv_{i}",
-            )
-            if train and pool and not self.batch_norm:
-                # One block, conv -> relu -> pool (layers.conv_relu_pool): the pool's
-                # gradient feeds the convolution's directly, and on CPU a 3x3 conv runs as
-                # Winograd's F(2x2, 3x3), whose 2x2 output tiles are the pool's windows.
-                x = conv(x, relu_pool=POOL_WINDOW)
-                continue
-            x = conv(x)
+            )(x)
             if self.batch_norm:
                 x = nn.BatchNorm(
                     use_running_average=not train or f"bn_{i}" in self.frozen_batch_norm,
@@ -169,10 +158,9 @@ class ConvStack(nn.Module):
                     dtype=dtype,
                     name=f"bn_{i}",
                 )(x)
+            x = nn.relu(x)
             if pool:
-                x = MaxPool(POOL_WINDOW, relu=True, name=f"pool_{i}")(x)
-            else:
-                x = nn.relu(x)
+                x = MaxPool(POOL_WINDOW, name=f"pool_{i}")(x)
         x = Flatten(name="flatten")(x)
         for j, width in enumerate(self.hidden):
             x = nn.relu(self._dense(width, f"dense_{j}")(x))

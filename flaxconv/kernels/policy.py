@@ -1,0 +1,137 @@
+"""Which formulation runs where: the measured choice per backend, in one table.
+
+A :class:`Policy` answers, for one layer of a traced model, which formulation of
+:mod:`flaxconv.kernels` computes it. The numbers behind each entry are in
+``benchmarks/RESULTS.md`` (``benchmarks/conv_impl.py`` and ``benchmarks/zoo.py`` rerun
+them):
+
+* **CPU.** A conv -> bias -> relu -> 2x2 max-pool block with a 3x3 kernel and several
+  input channels runs as Winograd's F(2x2, 3x3). Other convolutions run where XLA:CPU is
+  fast: its forward NHWC convolutions are, since jaxlib 0.11 (``"xla_nhwc"``, every
+  gradient a forward convolution), but in jaxlib 0.10 its default convolution kernels
+  (YNNPACK) ran 2-20x slower than a matmul on these shapes, so there a convolution runs as
+  ``"im2col"``. Strided convolutions are ``"im2col"`` everywhere (few patches, one matmul).
+  JAX's own convolution gradients are never used: XLA:CPU runs them as a naive loop inside
+  ``lax.scan`` (jax-ml/jax#12868), 20-60x slower.
+* **GPU.** im2col, which beat cuDNN on these small convolutions on an H200; Winograd was
+  not measured there.
+* **TPU and anything else**: XLA's own operations (the MXU runs convolutions natively).
+
+Pools with window = stride and no padding (and a relu before or after them) run as a
+reshape and a reduction on CPU and GPU; every other pool keeps XLA's ``reduce_window``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+from flaxconv.kernels.blocks import winograd_applies
+from flaxconv.kernels.conv import few_input_channels, nhwc_applies
+
+#: The names a policy goes by: ``"auto"`` picks per backend, ``"xla"`` opts out (XLA's
+#: own operations everywhere), ``"cpu"``/``"gpu"`` force a backend's table, and
+#: ``"im2col"`` runs every convolution as im2col: vmapped models with a kernel each (the
+#: populations) then run batched matmuls, where XLA's convolutions would be grouped ones.
+POLICIES = ("auto", "xla", "cpu", "gpu", "im2col")
+
+#: The environment variable that sets the default policy (e.g. ``FLAXCONV_KERNELS=xla``).
+ENV_VAR = "FLAXCONV_KERNELS"
+
+
+def jaxlib_version() -> tuple[int, int]:
+    """``(major, minor)`` of the installed jaxlib."""
+    parts = [int(p) for p in jaxlib.__version__.split(".")[:2] if p.isdigit()]
+    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    """One convolution as the rewrite sees it: NHWC/HWIO, no dilation, no groups."""
+
+    kernel_shape: tuple[int, int, int, int]
+    strides: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    dtype: jnp.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The formulation table of one backend.
+
+    Attributes:
+      name: ``"cpu"``, ``"gpu"`` or ``"xla"``.
+      rewrite: False: the traced function runs as written (XLA's own operations).
+      nhwc_convs: stride-1 convolutions run as ``"xla_nhwc"`` (else ``"im2col"``).
+      winograd: conv -> relu -> 2x2-pool blocks run as Winograd where it applies.
+    """
+
+    name: str
+    rewrite: bool = True
+    nhwc_convs: bool = False
+    winograd: bool = False
+
+    def conv(self, spec: ConvSpec) -> str:
+        """The formulation of a lone convolution: ``"xla_nhwc"`` or ``"im2col"``."""
+        if nhwc_applies(spec.kernel_shape, spec.strides, spec.padding) and (
+                self.nhwc_convs or few_input_channels(spec.kernel_shape) and self.winograd):
+            return "xla_nhwc"
+        return "im2col"
+
+    def block(self, spec: ConvSpec, window: int) -> str:
+        """The formulation of a conv -> relu -> max-pool block (``spec`` has stride 1):
+        ``"winograd"``, ``"fused"`` (the convolution as ``"xla_nhwc"``, one VJP with the
+        pool) or ``"unfused"``."""
+        if self.winograd and winograd_applies(spec.kernel_shape, window, spec.dtype):
+            return "winograd"
+        return "fused" if self.conv(spec) == "xla_nhwc" else "unfused"
+
+
+XLA = Policy("xla", rewrite=False)
+GPU = Policy("gpu")
+IM2COL = Policy("im2col")
+
+
+def cpu_policy(version: tuple[int, int] | None = None) -> Policy:
+    """The CPU table for a jaxlib ``(major, minor)`` (default: the installed one)."""
+    version = version or jaxlib_version()
+    return Policy("cpu", nhwc_convs=version >= (0, 11), winograd=True)
+
+
+_BY_BACKEND = {"cpu": cpu_policy, "gpu": lambda: GPU, "cuda": lambda: GPU, "rocm": lambda: GPU,
+               "im2col": lambda: IM2COL}
+
+
+def policy_name(policy: str | None = None) -> str:
+    """``policy`` checked to be one of :data:`POLICIES`; None reads :data:`ENV_VAR`
+    (default ``"auto"``).
+
+    Raises:
+      ValueError: an unknown name, naming it (and the variable it came from) and the valid
+        ones.
+    """
+    name = os.environ.get(ENV_VAR, "auto") if policy is None else policy
+    if name not in POLICIES:
+        source = f"{ENV_VAR}={name!r}" if policy is None else f"kernels={name!r}"
+        raise ValueError(f"{source}; expected one of {POLICIES}")
+    return name
+
+
+def resolve(policy: str | None = None, backend: str | None = None) -> Policy:
+    """The :class:`Policy` called ``policy`` (see :func:`policy_name`); ``"auto"`` picks
+    the table of ``backend`` (default ``jax.default_backend()``, read when a step is
+    traced).
+
+    Raises:
+      ValueError: an unknown name, naming it and the valid ones.
+    """
+    name = policy_name(policy)
+    if name == "xla":
+        return XLA
+    if name == "auto":
+        name = backend or jax.default_backend()
+    return _BY_BACKEND.get(name, lambda: XLA)()
