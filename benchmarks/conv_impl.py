@@ -1,20 +1,20 @@
-"""Which convolution formulation is fastest on this backend? The measurement behind
-``flaxconv.models.resolve_conv_impl("auto")``, and the GEMM-only floor of the step.
+"""Which kernels policy is fastest on this backend? The measurement behind
+``flaxconv.kernels.policy`` (what ``kernels="auto"`` picks), and the GEMM-only floor of the step.
 
-    python benchmarks/conv_impl.py [--steps 100] [--batch-size 64]
+    python benchmarks/conv_impl.py [--steps 100] [--batch-size 64] [--policies xla,im2col,auto]
 
-Times the dlwp_mnist training step with each formulation — XLA's convolution with JAX's
-gradients, XLA's convolution with every gradient as a forward NHWC convolution
-(``xla_nhwc``), ``winograd`` (conv_1 -> relu -> pool as one Winograd F(2x2, 3x3) block, the
-other layers as ``xla_nhwc``), and im2col (shifted slices + one matmul) — each (a) as one
+Times the dlwp_mnist training step under each kernels policy of the library's seam
+(``state.kernels``, :mod:`flaxconv.kernels`): ``xla`` (the opt-out: XLA's own convolutions
+and pools, JAX's gradients), ``im2col`` (every convolution as shifted slices + one matmul),
+``auto`` (the backend's table: on CPU conv_1 -> relu -> pool as one Winograd F(2x2, 3x3)
+block, conv_0's block fused around an NHWC convolution, conv_2 as im2col or ``xla_nhwc``
+depending on jaxlib) and, on other backends, ``cpu`` for comparison — each (a) as one
 jitted ``lax.scan`` over ``--steps`` batches, the device-resident epoch, and (b) as a Python
-loop of jitted steps, the best of three each; prints ms/step, the achieved GFLOP/s (the
-model's training FLOPs, as in ``mnist_speed.py``) and its share of the fp32 matmul peak
-measured in the same run, and the share counting only the FLOPs executed (every formulation
-trains trimmed: ``ConvStack.trim``). ``xla_nhwc`` and ``winograd`` run twice: in
-``fc.models.tuned_jit`` (the library's ``COMPILER_OPTIONS``) and in a plain ``jax.jit``
-(XLA:CPU's defaults, convolutions on YNNPACK; ``winograd`` there runs its lone convolution,
-conv_2, as im2col), the jit of ``fc.train_step``.
+loop of jitted steps, the best of three each, all in a plain ``jax.jit``. It prints ms/step,
+the achieved GFLOP/s (the model's training FLOPs, as in ``mnist_speed.py``), its share of
+the fp32 matmul peak measured in the same run, the share counting only the FLOPs executed
+(every policy trains trimmed, ``ConvStack.trim``; Winograd's conv_1 does 4/9 of the
+products) and the formulation of each layer (``fc.steps.explain_kernels``).
 
 The last rows, "GEMMs alone", are bounds rather than formulations: the step's matrix
 products, one after another in a ``lax.scan``, with nothing else — no patches, transforms,
@@ -37,6 +37,8 @@ import numpy as np
 from mnist_speed import (
     TRIMMED_LAYERS,
     WINOGRAD_LAYERS,
+    executed_layers,
+    kernels_of,
     load_mnist,
     matmul_peak_gflops,
     train_flops_per_example,
@@ -48,17 +50,20 @@ from flaxconv import epochs as ep
 REPEATS = 3
 
 
-def time_impl(impl: str, tuned: bool, steps: int, batch_size: int, images, labels
-              ) -> dict[str, float]:
-    model = fc.models.get("dlwp_mnist", conv_impl=impl)
+def policy_state(kernels: str, images) -> fc.TrainState:
+    """A fresh dlwp_mnist state (rmsprop 1e-3) whose steps run the ``kernels`` policy."""
+    model = fc.models.get("dlwp_mnist")
     tx = fc.optim.make("rmsprop", learning_rate=1e-3)
-    state = fc.create_train_state(jax.random.key(0), model, tx, images[:1])
+    return fc.create_train_state(jax.random.key(0), model, tx, images[:1], kernels=kernels)
+
+
+def time_policy(kernels: str, steps: int, batch_size: int, images, labels) -> dict[str, float]:
+    state = policy_state(kernels, images)
     n = steps * batch_size
     x, y = jax.device_put((images[:n], labels[:n]))
     plan = ep.epoch_plan(n, batch_size)
 
-    jit = fc.models.tuned_jit if tuned else jax.jit
-    epoch = jit(ep.train_epoch_fn, donate_argnums=0)
+    epoch = jax.jit(ep.train_epoch_fn, donate_argnums=0)
 
     def scan_once(state):
         state, sums = epoch(state, x, y, plan.indices(jax.random.key(1)), plan.mask)
@@ -75,7 +80,7 @@ def time_impl(impl: str, tuned: bool, steps: int, batch_size: int, images, label
         state = scan_once(state)
         scan_ms = min(scan_ms, 1000 * (time.perf_counter() - start) / steps)
 
-    step = jit(fc.train_step_fn, donate_argnums=0)
+    step = jax.jit(fc.train_step_fn, donate_argnums=0)
     batches = [{"image": x[i * batch_size:(i + 1) * batch_size],
                 "label": y[i * batch_size:(i + 1) * batch_size]} for i in range(steps)]
     state, m = step(state, batches[0])
@@ -128,7 +133,7 @@ def time_gemms(shapes: list[tuple[str, int, int, int]], steps: int) -> float:
         lhs = [a.at[0, 0].add(1e-30 * out[0, 0]) for a, out in zip(lhs, outs, strict=True)]
         return (lhs, outs), None
 
-    run = fc.models.tuned_jit(lambda carry: jax.lax.scan(body, carry, length=steps)[0])
+    run = jax.jit(lambda carry: jax.lax.scan(body, carry, length=steps)[0])
     carry = jax.block_until_ready(run((lhs, outs)))
     best = float("inf")
     for _ in range(REPEATS):
@@ -138,11 +143,23 @@ def time_gemms(shapes: list[tuple[str, int, int, int]], steps: int) -> float:
     return 1000 * best / steps
 
 
+def default_policies() -> str:
+    """``xla,im2col,auto`` (and ``cpu`` on another backend, where auto is not cpu)."""
+    return "xla,im2col,auto" + ("" if jax.default_backend() == "cpu" else ",cpu")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--policies", default=None,
+                        help=f"comma list of {', '.join(fc.kernels.POLICIES)} "
+                             "(default xla,im2col,auto, plus cpu off CPU)")
     args = parser.parse_args()
+    policies = [p.strip() for p in (args.policies or default_policies()).split(",") if p.strip()]
+    unknown = sorted(set(policies) - set(fc.kernels.POLICIES))
+    if unknown:
+        parser.error(f"unknown policies {unknown}; expected some of {list(fc.kernels.POLICIES)}")
     try:
         (images, labels), _ = load_mnist()
     except fc.data.DatasetUnavailableError as error:
@@ -152,36 +169,29 @@ def main() -> None:
     layers = {"direct": TRIMMED_LAYERS, "winograd": WINOGRAD_LAYERS}
     executed_gflop = {name: train_flops_per_example(shapes) * args.batch_size / 1e9
                       for name, shapes in layers.items()}
-    print(f"backend {jax.default_backend()} ({jax.devices()[0]}), dlwp_mnist, "
-          f"batch {args.batch_size}, {args.steps} steps ({step_gflop:.3f} GFLOP each, "
-          f"{executed_gflop['direct']:.3f} executed, {executed_gflop['winograd']:.3f} with "
-          f"Winograd); "
-          f"fp32 matmul peak {peak:.0f} GFLOP/s (jax, n=2048); auto -> "
-          f"{fc.models.resolve_conv_impl('auto')}")
+    print(f"backend {jax.default_backend()} ({jax.devices()[0]}), jax {jax.__version__}, "
+          f"dlwp_mnist, batch {args.batch_size}, {args.steps} steps ({step_gflop:.3f} GFLOP "
+          f"each, {executed_gflop['direct']:.3f} executed, {executed_gflop['winograd']:.3f} "
+          f"with Winograd); fp32 matmul peak {peak:.0f} GFLOP/s (jax, n=2048)")
 
-    def rate(ms: float, executed: str) -> str:
+    def rate(ms: float, executed: float) -> str:
         gflops = step_gflop / (ms / 1000)
-        executed_gflops = executed_gflop[executed] / (ms / 1000)
         return (f"{gflops:.0f} | {100 * gflops / peak:.0f}% | "
-                f"{100 * executed_gflops / peak:.0f}%")
+                f"{100 * executed / (ms / 1000) / peak:.0f}%")
 
-    print("| formulation | scan ms/step | GFLOP/s | % of matmul peak | (executed FLOPs) "
-          "| python-loop ms/step | compile s |")
-    print("|---|---|---|---|---|---|---|")
-    # Every formulation in the library's tuned jit; xla_nhwc and winograd also in a plain
-    # jax.jit, where XLA:CPU runs its convolutions on YNNPACK.
-    rows = [("xla", True), ("im2col", True), ("xla_nhwc", True), ("winograd", True),
-            ("xla_nhwc", False), ("winograd", False)]
-    for impl, tuned in rows:
-        r = time_impl(impl, tuned, args.steps, args.batch_size, images, np.asarray(labels))
-        name = f"{impl} ({'tuned_jit' if tuned else 'jax.jit'})"
-        executed = "winograd" if impl == "winograd" else "direct"
-        print(f"| {name} | {r['scan_ms']:.3f} | {rate(r['scan_ms'], executed)} | "
-              f"{r['loop_ms']:.3f} | {r['compile_s']:.1f} |", flush=True)
+    print("| kernels policy | scan ms/step | GFLOP/s | % of matmul peak | (executed FLOPs) "
+          "| python-loop ms/step | compile s | formulations (training step) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kernels in policies:
+        state = policy_state(kernels, images)
+        executed = train_flops_per_example(executed_layers(state)) * args.batch_size / 1e9
+        r = time_policy(kernels, args.steps, args.batch_size, images, np.asarray(labels))
+        print(f"| {kernels} | {r['scan_ms']:.3f} | {rate(r['scan_ms'], executed)} | "
+              f"{r['loop_ms']:.3f} | {r['compile_s']:.1f} | {kernels_of(state)} |", flush=True)
     for name, shapes in layers.items():
         floor_ms = time_gemms(gemm_shapes(args.batch_size, shapes), args.steps)
-        print(f"| GEMMs alone, {name} (bound) | {floor_ms:.3f} | {rate(floor_ms, name)} "
-              "| - | - |", flush=True)
+        print(f"| GEMMs alone, {name} (bound) | {floor_ms:.3f} | "
+              f"{rate(floor_ms, executed_gflop[name])} | - | - | - |", flush=True)
 
     print("\n| GEMM (M x K x N) | ms | GFLOP/s | % of matmul peak |")
     print("|---|---|---|---|")

@@ -4,16 +4,17 @@ PyTorch, on the same model, data, batch size and optimizer, in one run.
     python benchmarks/mnist_speed.py                         # all peers, 5 epochs each
     python benchmarks/mnist_speed.py --peers flaxconv --epochs 2
     python benchmarks/mnist_speed.py --recipe fast --peers flaxconv   # the GPU speed-run recipe
+    FLAXCONV_KERNELS=xla python benchmarks/mnist_speed.py --peers flaxconv   # XLA's own ops
 
 The model is *Deep Learning with Python*'s convnet (Conv32-pool-Conv64-pool-Conv128-Dense10,
 glorot-uniform), rmsprop 1e-3 (Keras's epsilon placement), batch 64, 60,000 training and
 10,000 test images of the real MNIST. Each peer runs in its own process (peak RSS is that
 process's), timing every epoch; for flaxconv, "compile" is measured ahead of time and a
 warm-up epoch on a copy of the state precedes the timed ones; for the peers, it is the first
-epoch minus a steady one. Achieved
-GFLOP/s counts the model's training FLOPs (forward + backward, from the layer shapes) against
-the fp32 matmul peak measured in the same run, the same FLOPs for every peer. flaxconv skips
-the rows and columns that the pools drop (``ConvStack.trim``, 13% of them) and, on CPU, runs
+epoch minus a steady one. Achieved GFLOP/s counts the model's training FLOPs (forward +
+backward, from the layer shapes) against the fp32 matmul peak measured in the same run, the
+same FLOPs for every peer. flaxconv skips the rows and columns that the pools drop
+(``ConvStack.trim``, 13% of them) and, on CPU, its kernel seam (``flaxconv.kernels``) runs
 conv_1 as Winograd's F(2x2, 3x3) (4/9 of its multiply-adds), so the column "(executed
 FLOPs)" gives its share of the peak counting only the matmul FLOPs it performs. The table
 goes to stdout and, as JSON and Markdown, to ``--out``.
@@ -45,8 +46,8 @@ LAYERS = [("conv", 26 * 26, 3 * 3 * 1, 32), ("conv", 11 * 11, 3 * 3 * 32, 64),
 # computes 24x24 and conv_1 10x10.
 TRIMMED_LAYERS = [("conv", 24 * 24, 3 * 3 * 1, 32), ("conv", 10 * 10, 3 * 3 * 32, 64),
                   ("conv", 3 * 3, 3 * 3 * 64, 128), ("dense", 1, 1152, 10)]
-# As flaxconv trains them on CPU (conv_impl "winograd"): conv_1 -> relu -> pool is one
-# Winograd F(2x2, 3x3) block, 16 products per 2x2 output tile and channel pair where the
+# As flaxconv trains them on CPU (kernels "auto" or "cpu", flaxconv.kernels): conv_1 -> relu ->
+# pool is one Winograd F(2x2, 3x3) block, 16 products per 2x2 output tile and channel pair where the
 # direct convolution has 4 * 9 = 36, in the forward pass and in both gradients.
 WINOGRAD_LAYERS = [TRIMMED_LAYERS[0], ("winograd", *TRIMMED_LAYERS[1][1:]), *TRIMMED_LAYERS[2:]]
 WINOGRAD_MACS_FRACTION = 16 / 36
@@ -66,14 +67,65 @@ def train_flops_per_example(layers: list[tuple[str, int, int, int]] = LAYERS) ->
     return 2.0 * (3 * sum(macs) - macs[0])
 
 
-def executed_layers(model) -> list[tuple[str, int, int, int]]:
-    """The layers as ``model`` (dlwp_mnist) trains in the library's tuned jit."""
+def executed_layers(state) -> list[tuple[str, int, int, int]]:
+    """The layers as ``state`` (a dlwp_mnist TrainState) trains them in the library's steps:
+    whole without ``ConvStack.trim``, else trimmed, with conv_1 as Winograd where the
+    state's kernels policy (``state.kernels``, see ``fc.steps.explain_kernels``) runs it so."""
+    if not getattr(state.model, "trim", False):
+        return LAYERS
+    conv_1 = [c for c in training_choices(state) if c.layer.endswith("conv_1")]
+    winograd = bool(conv_1) and conv_1[0].formulation.startswith("winograd")
+    return WINOGRAD_LAYERS if winograd else TRIMMED_LAYERS
+
+
+def compact_formulation(formulation: str) -> str:
+    """``"fused (+ bias, relu, max_pool 2x2)"`` -> ``"fused(+relu,pool)"``,
+    ``"im2col, unfused (+ bias, relu, max_pool 2x2)"`` -> ``"im2col/unfused(+relu,pool)"``,
+    ``"reshape-max (relu folded in)"`` -> ``"reshape-max(+relu)"``; a fallback to XLA's own
+    operation, ``"xla (reason)"``, stays as it is."""
+    if formulation.startswith("xla ("):
+        return formulation
+    head, _, extra = formulation.partition(" (")
+    folded = []
+    for item in extra.rstrip(")").split(","):
+        item = item.strip().removeprefix("+ ").removesuffix(" folded in")
+        if item.startswith(("max_pool", "avg_pool")):
+            item = "pool"
+        if item and item != "bias":
+            folded.append(item)
+    return head.replace(", ", "/") + (f"(+{','.join(folded)})" if folded else "")
+
+
+def describe_kernels(choices) -> str:
+    """``fc.steps.explain_kernels``'s choices in one line: ``"conv_0: fused(+relu,pool) ·
+    conv_1: winograd(+relu,pool) · conv_2: im2col"`` (layer paths without the root module;
+    a pool applied as a function, by its op), then how many layers fall back to XLA's own
+    operations; with ``kernels="xla"`` (the opt-out) just that."""
+    if not choices:
+        return "no conv or pool layers"
+    fallbacks = sum(c.formulation.startswith("xla (") for c in choices)
+    if all(c.formulation == "xla (kernels='xla')" for c in choices):
+        return f"opt-out: all {len(choices)} conv/pool layers on XLA's own ops"
+    # A function's pool (nn.max_pool) has its module's scope: named by its op instead.
+    parts = [f"{c.layer.partition('/')[2] or c.op.split(' stride')[0]}: "
+             f"{compact_formulation(c.formulation)}" for c in choices]
+    return " · ".join(parts) + f" (xla fallbacks: {fallbacks} of {len(choices)})"
+
+
+def training_choices(state) -> list:
+    """``fc.steps.explain_kernels`` of ``state``'s training step (traced, nothing computed)."""
+    import jax
+    import jax.numpy as jnp
+
     import flaxconv as fc
 
-    if not model.trim:
-        return LAYERS
-    winograd = fc.models.resolve_conv_impl(model.conv_impl) == "winograd"
-    return WINOGRAD_LAYERS if winograd else TRIMMED_LAYERS
+    images = jax.ShapeDtypeStruct((1, *state.input_shape), jnp.float32)
+    return fc.steps.explain_kernels(state, images, train=True)
+
+
+def kernels_of(state) -> str:
+    """:func:`describe_kernels` of ``state``'s training step."""
+    return describe_kernels(training_choices(state))
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> dict[str, float]:
@@ -149,13 +201,13 @@ def run_flaxconv(epochs: int, recipe: str, seed: int) -> dict:
     test = fc.summarize(fc.evaluate(state, xt, yt))
     return {
         "epoch_seconds": history["epoch_seconds"],
-        "executed_flops_per_example": train_flops_per_example(executed_layers(model)),
+        "executed_flops_per_example": train_flops_per_example(executed_layers(state)),
         "compile_seconds": compile_seconds,
         "steps_per_epoch": -(-len(y) // batch),
         "batch_size": batch,
         "test_accuracy": test["accuracy"],
         "device": str(jax.devices()[0]),
-        "conv_impl": fc.models.resolve_conv_impl("auto"),
+        "kernels": kernels_of(state),
         "version": f"jax {jax.__version__}",
     }
 
@@ -173,6 +225,19 @@ def _keras_model(keras):
     return keras.Model(inputs, outputs)
 
 
+def keras_epoch_timer(keras, seconds: list[float]):
+    """A Keras callback that appends each epoch's wall-clock seconds to ``seconds``."""
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds.append(time.perf_counter() - self.start)
+
+    return Timer()
+
+
 def run_keras(epochs: int, recipe: str, seed: int) -> dict:
     import keras
 
@@ -186,15 +251,8 @@ def run_keras(epochs: int, recipe: str, seed: int) -> dict:
         metrics=["accuracy"],
     )
     times = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            times.append(time.perf_counter() - self.start)
-
-    model.fit(x, y, epochs=epochs, batch_size=BATCH, verbose=0, callbacks=[Timer()])
+    model.fit(x, y, epochs=epochs, batch_size=BATCH, verbose=0,
+              callbacks=[keras_epoch_timer(keras, times)])
     _, accuracy = model.evaluate(xt, yt, batch_size=1000, verbose=0)
     return {
         "epoch_seconds": times,
@@ -203,6 +261,26 @@ def run_keras(epochs: int, recipe: str, seed: int) -> dict:
         "test_accuracy": float(accuracy),
         "version": f"keras {keras.__version__} ({keras.backend.backend()})",
     }
+
+
+def torch_epochs(model, opt, x, y, epochs: int) -> list[float]:
+    """Seconds of each of ``epochs`` shuffled passes of ``BATCH``-sized torch steps over
+    ``x`` (NCHW float) and ``y`` (int64) with softmax cross-entropy."""
+    import torch
+
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train()
+    seconds = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), BATCH):
+            idx = perm[i : i + BATCH]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def run_torch(epochs: int, recipe: str, seed: int) -> dict:
@@ -225,18 +303,7 @@ def run_torch(epochs: int, recipe: str, seed: int) -> dict:
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
     opt = torch.optim.RMSprop(model.parameters(), lr=LR, alpha=0.9, eps=1e-7)
-    loss_fn = nn.CrossEntropyLoss()
-    times = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        perm = torch.randperm(len(y))
-        model.train()
-        for i in range(0, len(y), BATCH):
-            idx = perm[i : i + BATCH]
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x[idx]), y[idx]).backward()
-            opt.step()
-        times.append(time.perf_counter() - start)
+    times = torch_epochs(model, opt, x, y, epochs)
     model.eval()
     with torch.no_grad():
         correct = sum(
@@ -275,6 +342,12 @@ def run_peer(name: str, epochs: int, recipe: str, seed: int) -> dict:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     cmd = [sys.executable, __file__, "--worker", name, "--epochs", str(epochs),
            "--recipe", recipe, "--seed", str(seed)]
+    return run_worker_process(cmd, env)
+
+
+def run_worker_process(cmd: list[str], env: dict[str, str]) -> dict:
+    """Runs a worker command in a fresh process: the JSON of its ``RESULT`` line, or
+    ``{"error": its last lines}``."""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -315,6 +388,7 @@ def summarize_peer(name: str, seed: int, r: dict, flops: float, peak: float) -> 
         "test_accuracy": r["test_accuracy"],
         "epochs": len(times),
         "examples_per_epoch": examples,
+        **({"kernels": r["kernels"]} if "kernels" in r else {}),
     }
 
 

@@ -32,6 +32,7 @@ import time
 
 import jax
 import numpy as np
+from mnist_speed import kernels_of
 
 import flaxconv as fc
 from flaxconv import data
@@ -41,8 +42,8 @@ from flaxconv.steps import summarize
 
 # The same jits as flaxconv.epochs.train_epoch and population.train_population_epoch,
 # built here so that they can be compiled ahead of time and the compile timed apart.
-single_epoch = fc.models.tuned_jit(train_epoch_fn, donate_argnums=0)
-population_epoch = fc.models.tuned_jit(
+single_epoch = jax.jit(train_epoch_fn, donate_argnums=0)
+population_epoch = jax.jit(
     pop.train_population_epoch_fn, donate_argnums=0, static_argnames="vmap_size"
 )
 
@@ -55,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", default="rmsprop")
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--model", default="dlwp_mnist")
-    p.add_argument("--conv-impl", default="auto", choices=fc.models.CONV_IMPLS)
+    p.add_argument("--kernels", default="auto", choices=fc.kernels.POLICIES,
+                   help="kernels policy of every state (flaxconv.kernels; xla: XLA's own ops)")
     p.add_argument("--dtype", default="float32",
                    help="computation dtype of every model, e.g. bfloat16 (params stay float32)")
     p.add_argument("--repeats", type=int, default=1, help="timed epochs per setting")
@@ -102,20 +104,20 @@ def main(argv=None) -> int:
         train_labels = train_labels[: args.train_examples]
     images, labels = jax.device_put((train_images, train_labels))
     plan = epoch_plan(len(labels), args.batch_size)
-    model = fc.models.get(args.model, conv_impl=args.conv_impl, dtype=args.dtype)
+    model = fc.models.get(args.model, dtype=args.dtype)
     tx = fc.optim.make(args.optimizer, learning_rate=args.learning_rate)
     full = len(labels) == 60_000
-    single_impl = fc.models.resolve_conv_impl(args.conv_impl)
     vmap_sizes = {k: pop.resolve_vmap_size(args.vmap_size, k) for k in args.ks}
-    print(f"{args.model} in {args.dtype} (single model: {single_impl} convs; members vmapped "
-          f"side by side, "
-          f"per K: {vmap_sizes}), "
+    # One model alone: the unit of the "K separate runs" column.
+    state = fc.create_train_state(jax.random.key(0), model, tx, train_images[:1],
+                                  kernels=args.kernels)
+    single_kernels = kernels_of(state)
+    print(f"{args.model} in {args.dtype} (kernels={args.kernels!r}; single model: "
+          f"{single_kernels}; members vmapped side by side, per K: {vmap_sizes}), "
           f"{args.optimizer} {args.learning_rate:g}, batch {args.batch_size}, {len(labels)} "
           f"examples = {plan.steps} steps/epoch, {jax.device_count()} "
           f"{jax.default_backend()} device(s)", flush=True)
 
-    # One model alone: the unit of the "K separate runs" column.
-    state = fc.create_train_state(jax.random.key(0), model, tx, train_images[:1])
     arrays = (images, labels, plan.indices(jax.random.key(100)), plan.mask)
     tick = time.perf_counter()
     compiled_single = single_epoch.lower(state, *arrays).compile()
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     rows, accuracy = [], None
     for k in args.ks:
         states = pop.create_population(pop.keys_from_seeds(range(k)), model, tx,
-                                       train_images[:1])
+                                       train_images[:1]).replace(kernels=args.kernels)
         order = pop.population_indices(plan, jax.random.split(jax.random.key(100), k))
         arrays = (images, labels, order, plan.mask)
         tick = time.perf_counter()
@@ -145,7 +147,8 @@ def main(argv=None) -> int:
         if args.measure_separate:
             separate = 0.0
             for i in range(k):
-                solo = fc.create_train_state(jax.random.key(i), model, tx, train_images[:1])
+                solo = fc.create_train_state(jax.random.key(i), model, tx, train_images[:1],
+                                             kernels=args.kernels)
                 solo_arrays = (images, labels, order[i], plan.mask)
                 solo, (s,) = timed_epochs(compiled_single, solo, solo_arrays, 1)
                 separate += s
@@ -179,9 +182,10 @@ def main(argv=None) -> int:
         f"Date: {datetime.date.today()}; jax {jax.__version__}; "
         f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}); "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible",
-        f"Single model ({single_impl} convs): {single:.2f} s/epoch, compile "
-        f"{single_compile:.1f} s. Members vmapped side by side, per K: {vmap_sizes} (the "
-        "rest take turns in the same compiled epoch). "
+        f"Single model (kernels={args.kernels!r}: {single_kernels}): {single:.2f} s/epoch, "
+        f"compile {single_compile:.1f} s. Members vmapped side by side, per K: {vmap_sizes} "
+        "(the rest take turns in the same compiled epoch; vmapped ones run im2col where "
+        "kernels is auto or cpu). "
         "'K separate' = K single-model epochs "
         + ("run one after another." if args.measure_separate else
            "extrapolated as K x the measured single-model epoch."),
@@ -210,7 +214,7 @@ def main(argv=None) -> int:
                        accuracy_k=args.accuracy_k, train_examples=len(labels),
                        batch_size=args.batch_size, optimizer=args.optimizer,
                        learning_rate=args.learning_rate, model=args.model,
-                       single_conv_impl=single_impl, vmap_sizes=vmap_sizes,
+                       kernels=args.kernels, single_kernels=single_kernels, vmap_sizes=vmap_sizes,
                        devices=[str(d) for d in jax.devices()], jax=jax.__version__), f,
                   indent=1)
     print(f"wrote {args.out}/population_speed.md and .json")

@@ -21,14 +21,17 @@ moment and resumed ends with the same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import math
 import os
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -56,9 +59,13 @@ __all__ = [
     "History",
     "IncompatibleWorkdirError",
     "NonFiniteLossError",
+    "WorkdirLock",
+    "WorkdirLockedError",
     "check_labels",
+    "claim_workdir",
     "data_order_key",
     "fit",
+    "lock_workdir",
     "make_workdir",
     "num_classes",
     "run_config",
@@ -162,9 +169,17 @@ def _first_non_finite(losses: np.ndarray) -> int | None:
 
 
 def _train_epoch_arrays(state, images, labels, plan, key, progress, chunks):
-    """One epoch on device-resident arrays in ``chunks`` scan calls (1 = fastest)."""
+    """One epoch on device-resident arrays in ``chunks`` scan calls (1 = fastest), or with
+    ``chunks=None`` one jitted step per batch (see :func:`_scan_chunks`)."""
     indices = plan.indices(key)
     per_step = []
+    if chunks is None:
+        for i in range(plan.steps):
+            batch = ep.gather_batch(images, labels, indices[i], plan.mask[i])
+            state, sums = _train_step_donated(state, batch)
+            per_step.append(jax.tree.map(lambda x: x[None], sums))
+            progress.advance(1)
+        chunks = 0
     bounds = np.linspace(0, plan.steps, chunks + 1).round().astype(int)
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         if hi == lo:
@@ -176,16 +191,16 @@ def _train_epoch_arrays(state, images, labels, plan, key, progress, chunks):
     return state, sums
 
 
-def _scan_chunks(state: TrainState, plan: ep.EpochPlan, verbose: str) -> int:
-    """How many jitted calls an epoch on arrays takes: one scan (20 with a progress bar),
-    or, on CPU, one per step when the model has a convolution that the kernel seam leaves
-    to XLA: XLA:CPU runs JAX's own convolution gradients as a naive loop inside a
-    ``lax.scan`` (jax-ml/jax#12868), several times slower than the same step called alone."""
+def _scan_chunks(state: TrainState, plan: ep.EpochPlan, verbose: str) -> int | None:
+    """How many ``lax.scan`` calls an epoch on arrays takes: one (20 with a progress bar),
+    or None for one jitted step per batch, on CPU, when the model has a convolution that
+    the kernel seam leaves to XLA: XLA:CPU runs JAX's own convolution gradients as a naive
+    loop inside any loop (jax-ml/jax#12868), several times slower than the step alone."""
     if jax.default_backend() == "cpu":
         images = jax.ShapeDtypeStruct((plan.batch_size, *state.input_shape), np.uint8)
         if any(choice.fallback and choice.op.startswith("conv")
                for choice in explain_kernels(state, images)):
-            return plan.steps
+            return None
     return 20 if verbose == "bar" else 1
 
 
@@ -239,6 +254,137 @@ def make_workdir(workdir: str | os.PathLike) -> str:
             f"{error.strerror or error} ({error.filename or workdir})"
         ) from error
     return workdir
+
+
+#: The lock file :func:`lock_workdir` holds inside a workdir.
+LOCK_FILE = ".lock"
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another run holds the workdir's lock (:func:`lock_workdir`)."""
+
+
+# Workdir locks this process holds: lock file path -> [fd, thread id, depth].
+_held_locks: dict[str, list[int]] = {}
+_held_locks_guard = threading.Lock()
+
+
+class WorkdirLock:
+    """A held workdir lock (from :func:`lock_workdir`); :meth:`release` it, or use it as a
+    context manager."""
+
+    def __init__(self, path: str | None):
+        self.path = path  # the lock file; None: nothing was locked
+
+    def release(self) -> None:
+        """Releases this hold; the lock itself goes when the outermost hold is released.
+        Calling it again does nothing."""
+        path, self.path = self.path, None
+        if path is None:
+            return
+        with _held_locks_guard:
+            entry = _held_locks[path]
+            entry[2] -= 1
+            if entry[2] == 0:
+                del _held_locks[path]
+                os.ftruncate(entry[0], 0)  # no PID left behind by a clean exit
+                os.close(entry[0])  # closing the file releases the flock
+
+    def __enter__(self) -> WorkdirLock:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def lock_workdir(workdir: str | os.PathLike) -> WorkdirLock:
+    """Takes the lock of ``workdir`` (an existing directory) for one run.
+
+    The lock is an exclusive ``fcntl.flock`` on ``<workdir>/.lock``, held open for the run
+    and holding the process's PID. The OS releases it when the process ends however it
+    ends (``kill -9`` included), so a lock never goes stale; the file stays and is harmless.
+    Two runs in one workdir would delete each other's checkpoints in flight; this refuses
+    the second. In one process, the thread that holds the lock may take it again (nested:
+    ``train_and_evaluate`` around ``fit``); it goes with the outermost :meth:`~WorkdirLock.
+    release`. In a multi-process run only process 0 locks (the others share its workdir).
+
+    Returns:
+      A :class:`WorkdirLock`; release it when the run ends, or use ``with``.
+
+    Raises:
+      WorkdirLockedError: another run holds it, naming its PID.
+      ValueError: the lock file cannot be created (naming it and the reason).
+      A file system that cannot lock gets a ``RuntimeWarning`` and no lock.
+    """
+    if jax.process_index() != 0:
+        return WorkdirLock(None)
+    path = os.path.join(os.path.realpath(os.fspath(workdir)), LOCK_FILE)
+
+    def busy(holder: str) -> WorkdirLockedError:
+        return WorkdirLockedError(
+            f"workdir {os.fspath(workdir)} is in use by another run ({holder}, which holds "
+            f"{path}); wait for it to end or use another workdir"
+        )
+
+    with _held_locks_guard:
+        entry = _held_locks.get(path)
+        if entry is not None:
+            if entry[1] != threading.get_ident():
+                raise busy(f"PID {os.getpid()}, another thread of this process")
+            entry[2] += 1
+            return WorkdirLock(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise ValueError(
+                f"cannot create the lock file {path} of workdir {os.fspath(workdir)}: "
+                f"{error.strerror or error}"
+            ) from error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            # Empty: the holder has the lock but has not written its PID yet.
+            raise busy(f"PID {pid or 'unknown'}") from None
+        except OSError as error:  # a file system without flock (some network mounts)
+            os.close(fd)
+            warnings.warn(
+                f"cannot lock workdir {os.fspath(workdir)} ({error.strerror or error}); "
+                f"nothing stops another run from using it at the same time",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return WorkdirLock(None)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held_locks[path] = [fd, threading.get_ident(), 1]
+    return WorkdirLock(path)
+
+
+@contextlib.contextmanager
+def claim_workdir(workdir: str | os.PathLike) -> Iterator[str]:
+    """``with claim_workdir(workdir) as workdir:`` a whole run in ``workdir``: creates it
+    (:func:`make_workdir`) and holds its lock (:func:`lock_workdir`) until the block ends.
+
+    A workdir that this call created is removed again if the block fails before anything
+    was written into it (a dataset that does not load, say), so a failed start leaves no
+    empty folder behind.
+    """
+    new = not os.path.exists(workdir)
+    workdir = make_workdir(workdir)
+    lock = lock_workdir(workdir)
+    try:
+        yield workdir
+    except BaseException:
+        if new and lock.path is not None and os.listdir(workdir) == [LOCK_FILE]:
+            lock.release()
+            with contextlib.suppress(OSError):  # never hide the error itself
+                os.remove(os.path.join(workdir, LOCK_FILE))
+                os.rmdir(workdir)
+        raise
+    finally:
+        lock.release()
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -391,6 +537,7 @@ def fit(
     Raises:
       NonFiniteLossError: a NaN/inf loss, naming the step; the last checkpoint stays.
       IncompatibleWorkdirError: ``workdir`` holds another configuration's run.
+      WorkdirLockedError: another run is using ``workdir`` (see :func:`lock_workdir`).
       ValueError: labels outside the model's classes, bad arguments.
     """
     verbose = _resolve_verbose(verbose)
@@ -422,9 +569,11 @@ def fit(
     history: History = {}
     start_epoch, stopped = 0, False
     checkpoints = None
+    lock = None
     try:
         if workdir is not None:
             workdir = make_workdir(workdir)
+            lock = lock_workdir(workdir)  # another run in it would delete our checkpoints
             _check_config(workdir, run_config(state, {"batch_size": batch_size, **(config or {})}))
             checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=2)
             had_checkpoints = bool(checkpoints.epochs())
@@ -509,11 +658,15 @@ def fit(
             _write_curves(workdir, history)  # once: a plot costs more than a small epoch
     finally:
         # Also after an error or Ctrl-C: pending asynchronous saves reach the disk.
-        for callback in callbacks:
-            if hasattr(callback, "close"):
-                callback.close()
-        if checkpoints is not None:
-            checkpoints.close()
+        try:
+            for callback in callbacks:
+                if hasattr(callback, "close"):
+                    callback.close()
+            if checkpoints is not None:
+                checkpoints.close()
+        finally:
+            if lock is not None:
+                lock.release()  # after the saves: the next run may start in this workdir
     return state, history
 
 

@@ -1,6 +1,7 @@
 """The benchmarks' FLOP accounting: the layer shapes every "% of matmul peak" divides by
-follow the real model, whole (the model's FLOPs) and trimmed (what flaxconv executes), and
-the GEMM bound of conv_impl.py does exactly those FLOPs."""
+follow the real model, whole (the model's FLOPs) and trimmed (what flaxconv executes, per
+kernels policy), and the GEMM bound of conv_impl.py does exactly those FLOPs; the zoo's
+models are the same architecture in Flax, Keras and PyTorch. No timings."""
 
 import pathlib
 import sys
@@ -15,6 +16,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
 
 import conv_impl  # noqa: E402
 import mnist_speed  # noqa: E402
+import zoo  # noqa: E402
 
 
 def model_layers(trimmed: bool) -> list[tuple[str, int, int, int]]:
@@ -47,14 +49,35 @@ def test_flop_counts_follow_the_real_model_whole_and_trimmed():
     assert winograd == pytest.approx(trimmed - conv_1 * 20 / 36)
 
 
-def test_executed_layers_follow_the_conv_formulation():
-    model = fc.models.get("dlwp_mnist")
-    expected = mnist_speed.WINOGRAD_LAYERS if fc.models.COMPILER_OPTIONS else (
-        mnist_speed.TRIMMED_LAYERS)
-    assert mnist_speed.executed_layers(model) == expected
-    assert (mnist_speed.executed_layers(model.clone(conv_impl="xla_nhwc"))
-            == mnist_speed.TRIMMED_LAYERS)
-    assert mnist_speed.executed_layers(model.clone(trim=False)) == mnist_speed.LAYERS
+def dlwp_state(kernels: str, **overrides) -> fc.TrainState:
+    model = fc.models.get("dlwp_mnist", **overrides)
+    tx = fc.optim.make("rmsprop", learning_rate=1e-3)
+    images = np.zeros((1, 28, 28, 1), np.uint8)
+    return fc.create_train_state(jax.random.key(0), model, tx, images, kernels=kernels)
+
+
+def test_executed_layers_follow_the_kernels_policy():
+    cpu = jax.default_backend() == "cpu"
+    auto = mnist_speed.WINOGRAD_LAYERS if cpu else mnist_speed.TRIMMED_LAYERS
+    assert mnist_speed.executed_layers(dlwp_state("auto")) == auto
+    assert mnist_speed.executed_layers(dlwp_state("cpu")) == mnist_speed.WINOGRAD_LAYERS
+    for kernels in ("xla", "im2col"):
+        assert mnist_speed.executed_layers(dlwp_state(kernels)) == mnist_speed.TRIMMED_LAYERS
+    assert mnist_speed.executed_layers(dlwp_state("auto", trim=False)) == mnist_speed.LAYERS
+
+
+def test_kernels_are_described_per_layer_with_fallbacks_counted():
+    line = mnist_speed.kernels_of(dlwp_state("cpu"))
+    assert line.startswith("conv_0: fused(+relu,pool) · conv_1: winograd(+relu,pool) · ")
+    # conv_2 alone: im2col with jaxlib 0.10, XLA's NHWC convolution from jaxlib 0.11 on.
+    assert line.endswith(("conv_2: im2col (xla fallbacks: 0 of 3)",
+                          "conv_2: xla_nhwc (xla fallbacks: 0 of 3)"))
+    assert mnist_speed.kernels_of(dlwp_state("xla")) == (
+        "opt-out: all 5 conv/pool layers on XLA's own ops")
+    compact = mnist_speed.compact_formulation
+    assert compact("im2col, unfused (+ bias, relu, max_pool 2x2)") == "im2col/unfused(+relu,pool)"
+    assert compact("reshape-max (relu folded in)") == "reshape-max(+relu)"
+    assert compact("xla (grouped convolution)") == "xla (grouped convolution)"
 
 
 def test_gemm_bound_does_the_flops_it_is_compared_with():
@@ -64,3 +87,39 @@ def test_gemm_bound_does_the_flops_it_is_compared_with():
         assert gemm_flops == mnist_speed.train_flops_per_example(layers) * batch
     winograd = conv_impl.gemm_shapes(batch, mnist_speed.WINOGRAD_LAYERS)
     assert winograd.count(("winograd_1 forward", 64 * 25, 32, 64)) == 16
+
+
+def flax_param_count(model, shape) -> int:
+    variables = model.init(jax.random.key(0), np.zeros((1, *shape), np.float32), train=False)
+    return fc.state.num_params(variables["params"])
+
+
+@pytest.mark.parametrize("name", zoo.MODELS)
+def test_zoo_models_have_the_same_parameters_in_every_framework(name):
+    shape = zoo.INPUT_SHAPES[name]
+    model = zoo.flax_model(name)
+    count = flax_param_count(model, shape)
+    if name in ("dlwp_mnist", "dlwp_linen"):
+        assert count == 104_202  # the preset's, as Keras's summary counts it
+    images = np.zeros((2, *shape), np.float32)
+    variables = model.init(jax.random.key(0), images, train=False)
+    assert model.apply(variables, images, train=False).shape == (2, zoo.NUM_CLASSES)
+    keras = pytest.importorskip("keras")
+    keras_model = zoo.keras_model(name, keras)
+    assert sum(int(np.prod(w.shape)) for w in keras_model.trainable_weights) == count
+    torch = pytest.importorskip("torch")
+    torch_model = zoo.torch_model(name)
+    assert sum(p.numel() for p in torch_model.parameters()) == count
+    torch_model.eval()
+    with torch.no_grad():
+        out = torch_model(torch.zeros(2, shape[2], *shape[:2]))
+    assert tuple(out.shape) == (2, zoo.NUM_CLASSES)
+
+
+def test_the_hand_written_dlwp_gets_the_presets_formulations():
+    tx = fc.optim.make("rmsprop", learning_rate=1e-3)
+    images = np.zeros((1, 28, 28, 1), np.uint8)
+    preset, linen = (fc.create_train_state(jax.random.key(0), zoo.flax_model(name), tx, images,
+                                           kernels="cpu") for name in ("dlwp_mnist", "dlwp_linen"))
+    # The same formulation per layer (module names differ: conv_i vs Conv_i).
+    assert mnist_speed.kernels_of(linen).lower() == mnist_speed.kernels_of(preset).lower()

@@ -399,12 +399,15 @@ def test_the_policy_per_backend_and_jaxlib_version():
     assert kernel_policy.resolve("auto", "gpu").name == "gpu"
     old, new = kernel_policy.cpu_policy((0, 10)), kernel_policy.cpu_policy((0, 12))
     valid = ((0, 0), (0, 0))
-    conv_2 = kernel_policy.ConvSpec((3, 3, 64, 128), (1, 1), valid, jnp.float32)
-    conv_1 = kernel_policy.ConvSpec((3, 3, 32, 64), (1, 1), valid, jnp.float32)
-    # jaxlib 0.10's XLA:CPU convolutions (YNNPACK) lose to im2col; 0.11+'s win.
+    conv_2 = kernel_policy.ConvSpec((3, 3, 64, 128), (1, 1), valid, jnp.float32, (3, 3))
+    conv_1 = kernel_policy.ConvSpec((3, 3, 32, 64), (1, 1), valid, jnp.float32, (10, 10))
+    same = kernel_policy.ConvSpec((3, 3, 32, 32), (1, 1), ((1, 1), (1, 1)), jnp.float32,
+                                  (16, 16))
+    # jaxlib 0.10's XLA:CPU convolutions (YNNPACK) lose to im2col on small maps; 0.11+'s win.
     assert (old.conv(conv_2), new.conv(conv_2)) == ("im2col", "xla_nhwc")
+    assert old.conv(same) == new.conv(same) == "xla_nhwc"
     assert old.block(conv_1, 2) == new.block(conv_1, 2) == "winograd"
-    strided = kernel_policy.ConvSpec((3, 3, 64, 128), (2, 2), valid, jnp.float32)
+    strided = kernel_policy.ConvSpec((3, 3, 64, 128), (2, 2), valid, jnp.float32, (2, 2))
     assert new.conv(strided) == "im2col"
 
 

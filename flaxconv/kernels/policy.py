@@ -6,11 +6,14 @@ A :class:`Policy` answers, for one layer of a traced model, which formulation of
 them):
 
 * **CPU.** A conv -> bias -> relu -> 2x2 max-pool block with a 3x3 kernel and several
-  input channels runs as Winograd's F(2x2, 3x3). Other convolutions run where XLA:CPU is
-  fast: its forward NHWC convolutions are, since jaxlib 0.11 (``"xla_nhwc"``, every
-  gradient a forward convolution), but in jaxlib 0.10 its default convolution kernels
-  (YNNPACK) ran 2-20x slower than a matmul on these shapes, so there a convolution runs as
-  ``"im2col"``. Strided convolutions are ``"im2col"`` everywhere (few patches, one matmul).
+  input channels runs as Winograd's F(2x2, 3x3). Other stride-1 convolutions run as
+  XLA:CPU's forward NHWC convolution with both gradients written as forward convolutions
+  too (``"xla_nhwc"``): since jaxlib 0.11 that beats im2col on every shape measured (by
+  1.3-2.2x); in jaxlib 0.10 its default convolution kernels (YNNPACK) lose to im2col's one
+  matmul on small output maps (1.5-1.8x at 3x3 and 11x11) and win on larger ones, so there
+  a map of at most :data:`JAXLIB_0_10_IM2COL_MAX_OUTPUT` positions runs as ``"im2col"``.
+  A first layer with few input channels runs as one patches matmul either way. Strided
+  convolutions are ``"im2col"`` (few patches, one matmul).
   JAX's own convolution gradients are never used: XLA:CPU runs them as a naive loop inside
   ``lax.scan`` (jax-ml/jax#12868), 20-60x slower.
 * **GPU.** im2col, which beat cuDNN on these small convolutions on an H200; Winograd was
@@ -57,6 +60,13 @@ class ConvSpec:
     strides: tuple[int, int]
     padding: tuple[tuple[int, int], tuple[int, int]]
     dtype: jnp.dtype
+    output_size: tuple[int, int] = (1, 1)  # (H_out, W_out)
+
+
+#: On jaxlib 0.10's CPU, the largest output map (H_out * W_out) that runs as im2col: its
+#: one matmul beat XLA's convolution kernels up to 11x11 and lost from 14x14 on
+#: (``benchmarks/RESULTS.md``, the formulations table).
+JAXLIB_0_10_IM2COL_MAX_OUTPUT = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,19 +76,25 @@ class Policy:
     Attributes:
       name: ``"cpu"``, ``"gpu"`` or ``"xla"``.
       rewrite: False: the traced function runs as written (XLA's own operations).
-      nhwc_convs: stride-1 convolutions run as ``"xla_nhwc"`` (else ``"im2col"``).
-      winograd: conv -> relu -> 2x2-pool blocks run as Winograd where it applies.
+      nhwc_min_output: stride-1 convolutions whose output map has more than this many
+        positions run as ``"xla_nhwc"``, the others as ``"im2col"``; None: all im2col.
+      winograd: conv -> relu -> 2x2-pool blocks run as Winograd where it applies, and a
+        first layer's convolution as its patches matmul (``"xla_nhwc"``'s few-channel case).
     """
 
     name: str
     rewrite: bool = True
-    nhwc_convs: bool = False
+    nhwc_min_output: int | None = None
     winograd: bool = False
 
     def conv(self, spec: ConvSpec) -> str:
         """The formulation of a lone convolution: ``"xla_nhwc"`` or ``"im2col"``."""
-        if nhwc_applies(spec.kernel_shape, spec.strides, spec.padding) and (
-                self.nhwc_convs or few_input_channels(spec.kernel_shape) and self.winograd):
+        if not nhwc_applies(spec.kernel_shape, spec.strides, spec.padding):
+            return "im2col"
+        if few_input_channels(spec.kernel_shape) and self.winograd:
+            return "xla_nhwc"
+        positions = spec.output_size[0] * spec.output_size[1]
+        if self.nhwc_min_output is not None and positions > self.nhwc_min_output:
             return "xla_nhwc"
         return "im2col"
 
@@ -99,7 +115,8 @@ IM2COL = Policy("im2col")
 def cpu_policy(version: tuple[int, int] | None = None) -> Policy:
     """The CPU table for a jaxlib ``(major, minor)`` (default: the installed one)."""
     version = version or jaxlib_version()
-    return Policy("cpu", nhwc_convs=version >= (0, 11), winograd=True)
+    threshold = 0 if version >= (0, 11) else JAXLIB_0_10_IM2COL_MAX_OUTPUT
+    return Policy("cpu", nhwc_min_output=threshold, winograd=True)
 
 
 _BY_BACKEND = {"cpu": cpu_policy, "gpu": lambda: GPU, "cuda": lambda: GPU, "rocm": lambda: GPU,

@@ -317,7 +317,9 @@ def _conv_spec(eqn) -> tuple[ConvSpec | None, str]:
     padding = tuple(tuple(int(q) for q in pair) for pair in p["padding"])
     if any(q < 0 for pair in padding for q in pair):
         return None, "negative padding"
-    return ConvSpec(tuple(rhs.shape), tuple(p["window_strides"]), padding, lhs.dtype), ""
+    output_size = tuple(eqn.outvars[0].aval.shape[1:3])
+    return ConvSpec(tuple(rhs.shape), tuple(p["window_strides"]), padding, lhs.dtype,
+                    output_size), ""
 
 
 def _match_block(graph: _Graph, i: int, spec: ConvSpec):
