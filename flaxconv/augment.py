@@ -391,6 +391,16 @@ class _Spatial(_Layer):
             fill_mode=self.fill_mode, interpolation=self.interpolation, fill_value=self.fill_value
         )
 
+    def transform(self, key: jax.Array, x: jax.Array) -> jax.Array:
+        """The layer's random resampling of ``x`` with ``key``."""
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if not train:
+            return x
+        return self.transform(self.make_rng("augment"), x)
+
 
 class RandomRotation(_Spatial):
     """Keras's ``RandomRotation``: in training, each image turns by its own angle, uniform
@@ -406,11 +416,8 @@ class RandomRotation(_Spatial):
         super().check()
         factor_range("factor", self.factor)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if not train:
-            return x
-        return random_rotation(self.make_rng("augment"), x, self.factor, **self.fill())
+    def transform(self, key: jax.Array, x: jax.Array) -> jax.Array:
+        return random_rotation(key, x, self.factor, **self.fill())
 
 
 class RandomTranslation(_Spatial):
@@ -429,13 +436,8 @@ class RandomTranslation(_Spatial):
         factor_range("height_factor", self.height_factor)
         factor_range("width_factor", self.width_factor)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if not train:
-            return x
-        return random_translation(
-            self.make_rng("augment"), x, self.height_factor, self.width_factor, **self.fill()
-        )
+    def transform(self, key: jax.Array, x: jax.Array) -> jax.Array:
+        return random_translation(key, x, self.height_factor, self.width_factor, **self.fill())
 
 
 class RandomZoom(_Spatial):
@@ -455,13 +457,8 @@ class RandomZoom(_Spatial):
         if self.width_factor is not None:
             factor_range("width_factor", self.width_factor)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if not train:
-            return x
-        return random_zoom(
-            self.make_rng("augment"), x, self.height_factor, self.width_factor, **self.fill()
-        )
+    def transform(self, key: jax.Array, x: jax.Array) -> jax.Array:
+        return random_zoom(key, x, self.height_factor, self.width_factor, **self.fill())
 
 
 class RandomFlip(_Layer):
