@@ -35,7 +35,7 @@ from flax import traverse_util
 import flaxconv as fc
 from flaxconv import data, finetune, viz
 from flaxconv.experiment import cli
-from flaxconv.fit import make_workdir
+from flaxconv.fit import claim_workdir
 
 TARGETS = ("sign_language_mnist", "fashion_mnist", "mnist")
 
@@ -120,7 +120,11 @@ def unchanged(before: dict, state, layers) -> bool:
 
 
 def run(config) -> dict:
-    make_workdir(config.workdir)
+    with claim_workdir(config.workdir):  # one run at a time in a workdir
+        return _run(config)
+
+
+def _run(config) -> dict:
     start = time.perf_counter()
     train, test = load_target(config, "train"), load_target(config, "test")
     num_classes = (

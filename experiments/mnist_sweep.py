@@ -31,7 +31,7 @@ from flaxconv import data
 from flaxconv import population as pop
 from flaxconv.epochs import epoch_plan
 from flaxconv.experiment import report_errors
-from flaxconv.fit import data_order_key, make_workdir, write_json
+from flaxconv.fit import claim_workdir, data_order_key, write_json
 from flaxconv.steps import summarize
 
 
@@ -154,7 +154,11 @@ def _spread(values: np.ndarray) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Trains the population described by ``config``; returns the results it writes."""
-    make_workdir(config.workdir)
+    with claim_workdir(config.workdir):  # one run at a time in a workdir
+        return _train_and_evaluate(config)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
     train_images, train_labels = data.load(config.dataset, "train", source=config.data_source)
     test_images, test_labels = data.load(config.dataset, "test", source=config.data_source)
     if config.train_examples:

@@ -4,9 +4,11 @@ on val_loss and best-only checkpoints; >= 97% accuracy on the 7,172 test images.
     python experiments/sign_language_cnn.py [--epochs 30] [--input stream] [--workdir runs/x]
 
 Reads <folder>/Train/<letter>/*.png and <folder>/Test/<letter>/*.png, writing them first from
-the CSVs in $FLAXCONV_DATA_DIR/sign_language_mnist/ when missing (as
-experiments/make_sign_language_folder.py does). A seeded 10% of Train is the validation set
-that EarlyStopping and ModelCheckpoint watch; Test is used once, for the final number.
+the CSVs in $FLAXCONV_DATA_DIR/sign_language_mnist/ when <folder> does not exist or is empty
+(as experiments/make_sign_language_folder.py does); a folder holding anything else without
+both Train/ and Test/ is refused and left as it is. Test takes Train's classes (a Test class
+that Train lacks is an error). A seeded 10% of Train is the validation set that
+EarlyStopping and ModelCheckpoint watch; Test is used once, for the final number.
 --input arrays trains device-resident (the folder is 21 MB as uint8); --input stream reads
 the files through the tf.data pipeline every epoch. Running the same command again resumes.
 """
@@ -53,7 +55,8 @@ def run(config):
         root / "Train", seed=config.seed, validation_split=config.validation_split,
         subset="both", **read,
     )
-    test = data.image_folder(root / "Test", shuffle=False, **read)
+    # Train's class names fix the labels' meaning, even if Test lacks a class.
+    test = data.image_folder(root / "Test", shuffle=False, class_names=train.class_names, **read)
     datasets = Datasets(
         train=train if config.input == "stream" else train.arrays(),
         test=test.arrays(),

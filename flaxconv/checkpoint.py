@@ -11,8 +11,9 @@ Each checkpoint is a directory ``<dir>/<epoch>/`` with two items:
 Orbax writes to a temporary directory and renames it when complete, so a run killed while
 saving leaves no half checkpoint under a step name. Orbax does not notice changed bytes in an
 array file, though, so every checkpoint also carries a SHA-256 of its arrays and metadata,
-checked on restore. A checkpoint that does not restore or fails the check (a truncated,
-garbled or edited file) is reported with a warning and moved aside to ``<dir>.corrupt/``:
+checked by every restore (:meth:`Checkpoints.restore` and :func:`restore_params`). A
+checkpoint that does not restore or fails the check (a truncated, garbled or edited file) is
+reported with a warning and moved aside to ``<dir>.corrupt/``:
 :meth:`Checkpoints.restore_latest` falls back to the previous intact one.
 """
 
@@ -58,7 +59,9 @@ class CorruptCheckpointError(ValueError):
 
 
 _ARRAY = "__array__"  # marks where an array of ``meta`` was taken out to the ``arrays`` item
-_CHECKSUM = "_sha256"
+# The checksum of _digest; checkpoints of earlier versions carry _LEGACY_CHECKSUM instead.
+_CHECKSUM = "_sha256_by_path"
+_LEGACY_CHECKSUM = "_sha256"
 
 
 def _take_arrays(tree: Any, arrays: list[np.ndarray]) -> Any:
@@ -100,16 +103,50 @@ def _put_arrays(tree: Any, arrays: dict[str, np.ndarray]) -> Any:
     return tree
 
 
+def _sharded_over_hosts(leaves: list[Any]) -> bool:
+    return any(
+        isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated)
+        for x in leaves
+    )
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    """``"opt_state/0/mu/conv_0/kernel"``: dict keys, attribute names and sequence indices
+    alike, so a tree restored without its template (dicts) names a leaf as the saved one."""
+    names = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+    return "/".join(str(name) for name in names)
+
+
 def _digest(
     state: dict[str, Any], arrays: list[np.ndarray], meta: dict[str, Any]
 ) -> str | None:
-    """SHA-256 over the values, dtypes and shapes of all arrays and the canonical JSON of
-    ``meta``; None when a state array is sharded over several hosts (no host sees it all)."""
+    """SHA-256 over the path, dtype, shape and bytes of every state array (in path order),
+    of the ``arrays`` item and the canonical JSON of ``meta``; None when a state array is
+    sharded over several hosts (no host sees it all).
+
+    Keyed by paths, not by the template's leaf order, so it can be checked on a state read
+    without its template (:func:`restore_params`: named tuples come back as dicts)."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    if _sharded_over_hosts([leaf for _, leaf in flat]):
+        return None
+    named = sorted(((_path_name(path), leaf) for path, leaf in flat), key=lambda e: e[0])
+    named += [(f"arrays/{i}", array) for i, array in enumerate(arrays)]
+    h = hashlib.sha256()
+    for name, leaf in named:
+        value = np.ascontiguousarray(jax.device_get(leaf))
+        h.update(f"{name}:{value.dtype.name}{value.shape}".encode())
+        h.update(value.tobytes())
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _legacy_digest(
+    state: dict[str, Any], arrays: list[np.ndarray], meta: dict[str, Any]
+) -> str | None:
+    """The checksum of earlier versions: like :func:`_digest` but over the leaves in the
+    template's order, without paths."""
     leaves = jax.tree.leaves(state)
-    if any(
-        isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated)
-        for x in leaves
-    ):
+    if _sharded_over_hosts(leaves):
         return None
     h = hashlib.sha256()
     for leaf in [*leaves, *arrays]:
@@ -118,6 +155,25 @@ def _digest(
         h.update(value.tobytes())
     h.update(json.dumps(meta, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def _verify(where: str, meta: dict[str, Any], state: Any, arrays: dict[str, np.ndarray]) -> None:
+    """Checks a restored checkpoint against the checksum in its ``meta`` (which it pops).
+
+    Raises:
+      CorruptCheckpointError: naming ``where``, when the arrays or meta differ from what was
+        saved.
+    """
+    saved, legacy = meta.pop(_CHECKSUM, None), meta.pop(_LEGACY_CHECKSUM, None)
+    ordered = [arrays[str(i)] for i in range(len(arrays))]
+    if saved is not None:
+        digest = _digest(state, ordered, meta)
+    elif legacy is not None:
+        saved, digest = legacy, _legacy_digest(state, ordered, meta)
+    else:
+        return  # saved without a checksum (its arrays were sharded over several hosts)
+    if digest is not None and digest != saved:
+        raise CorruptCheckpointError(f"checkpoint {where} does not match its checksum")
 
 
 class Checkpoints:
@@ -205,13 +261,7 @@ class Checkpoints:
             items["arrays"] = ocp.args.StandardRestore(targets)
         restored = self.manager.restore(epoch, args=ocp.args.Composite(**items))
         arrays = dict(restored["arrays"]) if targets else {}
-        saved = meta.pop(_CHECKSUM, None)
-        ordered = [arrays[str(i)] for i in range(len(arrays))]
-        digest = None if saved is None else _digest(restored["state"], ordered, meta)
-        if digest is not None and digest != saved:
-            raise CorruptCheckpointError(
-                f"checkpoint {self.directory}/{epoch} does not match its checksum"
-            )
+        _verify(f"{self.directory}/{epoch}", meta, restored["state"], arrays)
         return template.replace(**restored["state"]), _put_arrays(meta, arrays)
 
     def restore_latest(
@@ -293,10 +343,9 @@ def restore_params(
     """``state`` with the params and batch_stats of the ``include`` layers read from a
     checkpoint: a pretrained backbone under a new head.
 
-    Only the included arrays are read (Orbax partial restore), so the checkpoint's model
-    may have other layers and any optimizer. Shapes are checked against the checkpoint's
-    metadata first. The checkpoint's checksum covers the whole state and is not verified
-    here; :func:`load_state` verifies it when the full template is known.
+    The checkpoint's model may have other layers and any optimizer. Shapes are checked
+    against the checkpoint's metadata first; then the whole checkpoint is read and verified
+    against its checksum, as :meth:`Checkpoints.restore` does, before anything is copied.
 
     >>> state = restore_params("runs/mnist_convnet", state, include=("conv_*", "bn_*"))
 
@@ -306,11 +355,13 @@ def restore_params(
       state: the target; its optimizer state and step are left as they are.
       include: layer-name patterns (``fnmatch`` on layer paths, see
         :func:`flaxconv.optim.layer_mask`); the default copies every layer.
-      epoch: which checkpoint; by default the newest one that restores (a broken one is
-        reported with a ``RuntimeWarning`` and skipped).
+      epoch: which checkpoint; by default the newest one that restores (a broken or corrupt
+        one is reported with a ``RuntimeWarning`` and skipped).
 
     Raises:
-      FileNotFoundError: no (intact) checkpoint there, or no checkpoint ``epoch``.
+      FileNotFoundError: no checkpoint there, or no checkpoint ``epoch``; or no intact one
+        (each named with the reason it failed).
+      CorruptCheckpointError: checkpoint ``epoch`` does not match its checksum.
       ValueError: a pattern matches no layer of ``state`` (listing its layers); an included
         layer the checkpoint lacks; arrays whose shapes differ, each named with both shapes.
     """
@@ -334,6 +385,7 @@ def restore_params(
         manager.close()
         root = os.path.join(root, "checkpoints")  # a fit workdir
         manager = ocp.CheckpointManager(root, item_handlers=handlers, options=options)
+    failures = []
     try:
         epochs = sorted(manager.all_steps(), reverse=True)
         if epoch is not None:
@@ -343,6 +395,7 @@ def restore_params(
                 )
             epochs = [epoch]
         for candidate in epochs:
+            where = f"{root}/{candidate}"
             try:
                 saved = manager.item_metadata(candidate)["state"]
                 saved = getattr(saved, "tree", saved)
@@ -350,38 +403,66 @@ def restore_params(
             except Exception as error:  # noqa: BLE001 - unreadable metadata: not intact
                 if epoch is not None:
                     raise
+                failures.append(f"{where}: no readable state metadata ({_reason(error)})")
                 warnings.warn(
-                    f"checkpoint {root}/{candidate} has no readable state metadata "
-                    f"({type(error).__name__}: {str(error)[:200]}); trying an older one",
+                    f"checkpoint {where} has no readable state metadata "
+                    f"({_reason(error)}); trying an older one",
                     RuntimeWarning,
                     stacklevel=2,
                 )
                 continue
             paths = finetune.transfer_plan(
-                source, state, include, source_name=f"checkpoint {root}/{candidate}"
-            )
-            target = finetune.flat_variables(state)
-            abstract = traverse_util.unflatten_dict(
-                {p: ocp.utils.to_shape_dtype_struct(target[p]) for p in paths}
-            )
-            args = ocp.args.PyTreeRestore(
-                item=abstract,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                partial_restore=True,
+                source, state, include, source_name=f"checkpoint {where}"
             )
             try:
-                restored = manager.restore(candidate, args=ocp.args.Composite(state=args))
+                restored = _read_verified(manager, candidate, saved, where)
             except Exception as error:  # noqa: BLE001 - any failure means "not intact"
                 if epoch is not None:
                     raise
+                failures.append(f"{where}: {_reason(error)}")
                 warnings.warn(
-                    f"checkpoint {root}/{candidate} does not restore "
-                    f"({type(error).__name__}: {str(error)[:200]}); trying an older one",
+                    f"checkpoint {where} does not restore ({_reason(error)}); trying an "
+                    f"older one",
                     RuntimeWarning,
                     stacklevel=2,
                 )
                 continue
-            return finetune.replace_arrays(state, traverse_util.flatten_dict(restored["state"]))
+            variables = traverse_util.flatten_dict(
+                {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}
+            )
+            return finetune.replace_arrays(state, {p: variables[p] for p in paths})
     finally:
         manager.close()
-    raise FileNotFoundError(f"no intact checkpoint under {root}")
+    why = f": {'; '.join(failures)}" if failures else ""
+    raise FileNotFoundError(f"no intact checkpoint under {root}{why}")
+
+
+def _reason(error: Exception) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {line[:200]}"
+
+
+def _read_verified(
+    manager: ocp.CheckpointManager, epoch: int, saved: Any, where: str
+) -> dict[str, Any]:
+    """The whole state of checkpoint ``epoch`` as host numpy arrays, in its saved structure
+    (``saved``: its metadata tree; no template needed), checked against its checksum.
+
+    Raises:
+      CorruptCheckpointError: it does not match the checksum. Orbax's errors: unreadable.
+    """
+    meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    meta = dict(meta["meta"] or {})
+    targets: dict[str, np.ndarray] = {}
+    _array_targets(meta, targets)
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+    items = dict(state=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    if targets:
+        items["arrays"] = ocp.args.PyTreeRestore(
+            item=targets, restore_args=ocp.checkpoint_utils.construct_restore_args(targets)
+        )
+    restored = manager.restore(epoch, args=ocp.args.Composite(**items))
+    arrays = dict(restored["arrays"]) if targets else {}
+    _verify(where, meta, restored["state"], arrays)
+    return restored["state"]

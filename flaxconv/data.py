@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,13 +98,16 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         array is a writable copy.
 
     Raises:
-        ValueError: naming ``path``, if the magic number is neither of the above or the
-            byte count does not match the header.
+        ValueError: naming ``path``, if the magic number is neither of the above, the
+            byte count does not match the header, or the gzip stream is truncated or corrupt.
     """
     path = Path(path)
     data = path.read_bytes()
     if data[:2] == b"\x1f\x8b":  # gzip magic; checking content, not the suffix
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+            raise _corrupt_gzip(path, error, "a complete gzipped IDX file") from None
     if len(data) < 4:
         raise ValueError(f"{path}: {len(data)} bytes, expected at least a 4-byte IDX magic")
     magic = int.from_bytes(data[:4], "big")
@@ -312,7 +316,8 @@ class ImageFolder:
 
     Attributes:
       directory: the folder's root (a ``Path``).
-      class_names: the sorted class subfolder names; label ``i`` means ``class_names[i]``.
+      class_names: the class names, label ``i`` meaning ``class_names[i]``: the sorted class
+        subfolder names, or the ``class_names`` given to :func:`image_folder`.
       file_paths: this subset's image files (``str``): sorted by class, then path, then
         (with ``shuffle``) permuted by ``seed`` before a validation split, as Keras does.
       labels: int32 ``[num_examples]``, the class of each file.
@@ -462,12 +467,13 @@ def image_folder(
     subset: str | None = None,
     label_mode: str = "int",
     interpolation: str = "bilinear",
+    class_names: tuple[str, ...] | list[str] | None = None,
 ) -> ImageFolder | tuple[ImageFolder, ImageFolder]:
     """Keras's ``image_dataset_from_directory`` for :func:`flaxconv.fit`.
 
     ``directory/<class name>/**/<image>``: one subfolder per class (hidden ones, starting
-    with ".", are ignored), labels from the sorted subfolder names, every JPEG, PNG, BMP or
-    GIF file (first frame) below them, resized to ``image_size``.
+    with ".", are ignored), labels from the sorted subfolder names (or ``class_names``),
+    every JPEG, PNG, BMP or GIF file (first frame) below them, resized to ``image_size``.
 
     Why this shape: the result is an :class:`ImageFolder`, which is both a callable
     ``epoch -> iterator of numpy batches`` (fit's streaming path, for data that does not
@@ -495,14 +501,19 @@ def image_folder(
       subset: with ``validation_split``: "training", "validation" or "both" (a pair).
       label_mode: "int" (int32 class ids; the only one: the loss takes integer labels).
       interpolation: a ``tf.image.resize`` method, e.g. "bilinear" or "nearest".
+      class_names: the classes and their order, label ``i`` meaning ``class_names[i]``;
+        default: the sorted subfolder names. Give a test or validation folder the training
+        folder's ``class_names``, so that its labels mean the same classes even when it
+        lacks some of them. A subfolder not in the list is an error.
 
     Returns:
       An :class:`ImageFolder`, or ``(training, validation)`` for ``subset="both"``.
 
     Raises:
       FileNotFoundError: ``directory`` does not exist.
-      ValueError: bad arguments; a folder without class subfolders or without images; files
-        named like images that are not JPEG/PNG/BMP/GIF or cannot be read (all named).
+      ValueError: bad arguments; a folder without class subfolders or without images; a
+        subfolder not in ``class_names`` (named); files named like images that are not
+        JPEG/PNG/BMP/GIF or cannot be read (all named).
       Files that are not images (by suffix) are skipped with a warning naming them.
     """
     if label_mode != "int":
@@ -540,11 +551,25 @@ def image_folder(
             )
     elif subset is not None:
         raise ValueError(f"subset={subset!r} needs a validation_split in (0, 1)")
+    if class_names is not None:
+        if isinstance(class_names, str) or not all(
+            isinstance(name, str) and name for name in class_names
+        ):
+            raise ValueError(
+                f"class_names={class_names!r}; expected a list of class subfolder names"
+            )
+        class_names = tuple(class_names)
+        repeated = sorted({name for name in class_names if class_names.count(name) > 1})
+        if not class_names or repeated:
+            raise ValueError(
+                f"class_names={list(class_names)}; expected distinct names, at least one"
+                + (f" ({repeated} repeated)" if repeated else "")
+            )
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31))
 
     root = Path(directory)
-    class_names, files, labels = _index_folder(root)
+    class_names, files, labels = _index_folder(root, class_names)
     if shuffle:
         # Keras's index_directory permutes the file list with RandomState(seed).shuffle;
         # permutation() draws the same permutation, so a seed splits like Keras.
@@ -620,13 +645,17 @@ def write_image_folder(
         raise FileExistsError(f"{directory} exists; expected a new folder to write images into")
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for name in class_names:
-        (tmp / name).mkdir(parents=True)
-    width = max(5, len(str(len(images))))
-    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-        pixels = image[..., 0] if image.shape[-1] == 1 else image
-        Image.fromarray(pixels).save(tmp / class_names[label] / f"{i + 1:0{width}d}.png")
-    os.replace(tmp, directory)
+    try:
+        for name in class_names:
+            (tmp / name).mkdir(parents=True)
+        width = max(5, len(str(len(images))))
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            pixels = image[..., 0] if image.shape[-1] == 1 else image
+            Image.fromarray(pixels).save(tmp / class_names[label] / f"{i + 1:0{width}d}.png")
+        os.replace(tmp, directory)
+    except BaseException:  # a full disk, Ctrl-C: no partial folder, hidden or not
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return directory
 
 
@@ -677,11 +706,23 @@ def load_sign_language_mnist(
         )
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
-    with (gzip.open if gzipped else open)(path, "rt") as f:
-        header = f.readline().strip()
-        if not header.startswith("label,pixel1,"):
-            raise ValueError(f"{path}: header {header[:40]!r}...; expected 'label,pixel1,...'")
-        rows = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+    expected = "the complete Kaggle CSV"
+    try:
+        with (gzip.open if gzipped else open)(path, "rt") as f:
+            header = f.readline().strip()
+            if not header.startswith("label,pixel1,"):
+                raise ValueError(
+                    f"{path}: header {header[:40]!r}...; expected 'label,pixel1,...'"
+                )
+            try:
+                rows = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+            except ValueError as error:  # e.g. a last row cut short
+                raise ValueError(
+                    f"{path} is truncated or corrupt ({_one_line(error)}); expected {expected} "
+                    "(a label and 784 pixels per row): download it again"
+                ) from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise _corrupt_gzip(path, error, expected) from None
     if rows.shape[1] != 1 + 28 * 28:
         raise ValueError(f"{path}: rows of {rows.shape[1]} values; expected a label and 784 pixels")
     raw, pixels = rows[:, 0], rows[:, 1:]
@@ -700,25 +741,73 @@ def load_sign_language_mnist(
 
 
 def sign_language_folder(
-    directory: str | os.PathLike, root: str | os.PathLike | None = None
+    directory: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    *,
+    complete_existing: bool = False,
 ) -> Path:
     """Sign Language MNIST as an image folder, the layout the seed notebook reads.
 
-    Writes ``<directory>/Train/<letter>/<n>.png`` and ``<directory>/Test/<letter>/<n>.png``
-    from :func:`load_sign_language_mnist`, where ``<n>`` is the zero-padded 1-based CSV row
-    and ``<letter>`` one of :data:`SIGN_LANGUAGE_CLASSES`. A split already written is kept
-    (each is written under a temporary name and renamed), so calling it again is cheap.
+    ``<directory>/Train/<letter>/<n>.png`` and ``<directory>/Test/<letter>/<n>.png`` from
+    :func:`load_sign_language_mnist`, where ``<n>`` is the zero-padded 1-based CSV row and
+    ``<letter>`` one of :data:`SIGN_LANGUAGE_CLASSES`:
+
+    * ``directory`` holds both ``Train/`` and ``Test/``: it is used as it is (nothing is
+      read or written), so calling this again is cheap.
+    * ``directory`` does not exist (or is an empty folder): both CSVs are read and checked
+      first, then written into a temporary folder beside it that is renamed to
+      ``directory`` at the end, so a failure (a bad CSV, a full disk, Ctrl-C) leaves
+      nothing behind.
+    * ``directory`` holds something else: an error, since it is not a folder this function
+      wrote, and nothing is written into it; with ``complete_existing=True`` (the caller
+      asked for the folder to be written there) the missing splits are written into it,
+      each under a temporary name renamed at the end, after every CSV they need has been
+      read.
 
     Returns:
       ``Path(directory)``; read it with ``image_folder(directory / "Train",
       image_size=(28, 28), color_mode="grayscale", ...)``.
+
+    Raises:
+      ValueError: ``directory`` is a file, or exists without a split (without
+      ``complete_existing``); a malformed, truncated or corrupt CSV (naming it).
+      DatasetUnavailableError: a CSV is not there.
     """
     directory = Path(directory)
-    for split, (_, folder) in _SIGN_LANGUAGE_SPLITS.items():
-        if not (directory / folder).is_dir():
-            directory.mkdir(parents=True, exist_ok=True)
-            images, labels = load_sign_language_mnist(split, root)
-            write_image_folder(directory / folder, images, labels, SIGN_LANGUAGE_CLASSES)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file; expected a folder for Train/ and Test/")
+    missing = {
+        split: folder
+        for split, (_, folder) in _SIGN_LANGUAGE_SPLITS.items()
+        if not (directory / folder).is_dir()
+    }
+    if not missing:
+        return directory
+    fresh = not directory.exists() or not any(directory.iterdir())
+    if not fresh and not complete_existing:
+        raise ValueError(
+            f"{directory} exists but has no {' or '.join(f'{f}/' for f in missing.values())}; "
+            f"expected a Sign Language folder with Train/ and Test/ (e.g. from "
+            f"experiments/make_sign_language_folder.py --out {directory}), or a new or "
+            f"empty folder to write it in"
+        )
+    # Every input is read and checked before anything is written.
+    splits = {split: load_sign_language_mnist(split, root) for split in missing}
+    if not fresh:  # complete_existing
+        for split, folder in missing.items():
+            write_image_folder(directory / folder, *splits[split], SIGN_LANGUAGE_CLASSES)
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        for split, folder in missing.items():
+            write_image_folder(tmp / folder, *splits[split], SIGN_LANGUAGE_CLASSES)
+        os.replace(tmp, directory)  # also over an empty folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return directory
 
 
@@ -766,23 +855,37 @@ def _pad_tf_batch(batch, batch_size: int):
     }
 
 
-def _index_folder(root: Path) -> tuple[tuple[str, ...], list[str], np.ndarray]:
-    """Class names, image files and labels of an image folder, in Keras's order."""
+def _index_folder(
+    root: Path, class_names: tuple[str, ...] | None = None
+) -> tuple[tuple[str, ...], list[str], np.ndarray]:
+    """Class names, image files and labels of an image folder, in Keras's order; with
+    ``class_names``, labels are indices into it and every subfolder must be in it."""
     if not root.exists():
         raise FileNotFoundError(f"image folder {root} does not exist")
     if not root.is_dir():
         raise ValueError(f"image folder {root} is a file; expected a folder of class subfolders")
-    class_names = tuple(
+    found = tuple(
         sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     )
-    if not class_names:
+    if not found:
         loose = sum(1 for p in root.iterdir() if p.is_file())
         raise ValueError(
             f"image folder {root} has no class subfolders ({loose} files directly in it); "
             f"expected {root}/<class name>/<image files>, one subfolder per class"
         )
+    if class_names is None:
+        class_names = found
+    unknown = [name for name in found if name not in class_names]
+    if unknown:
+        raise ValueError(
+            f"image folder {root} has class subfolder(s) {unknown} that are not in "
+            f"class_names {list(class_names)}; expected only those classes (e.g. the "
+            f"training folder's)"
+        )
     files, labels, others = [], [], []
     for label, name in enumerate(class_names):
+        if name not in found:
+            continue  # a class without images here (e.g. a test folder that lacks one)
         for dirpath, _, filenames in sorted(os.walk(root / name), key=lambda walk: walk[0]):
             for filename in sorted(filenames):
                 path = os.path.join(dirpath, filename)
@@ -916,6 +1019,14 @@ def _one_line(text: str, limit: int = 200) -> str:
     lines = str(text).strip().splitlines()
     line = lines[0] if lines else ""
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _corrupt_gzip(path: Path, error: Exception, expected: str) -> ValueError:
+    """The error for a gzip file that does not decompress (cut short, garbled)."""
+    return ValueError(
+        f"{path} is truncated or corrupt (gzip: {type(error).__name__}: {_one_line(error)}); "
+        f"expected {expected}: download it again"
+    )
 
 
 def _unavailable(name: str, reason: str) -> DatasetUnavailableError:

@@ -25,8 +25,9 @@ from flaxconv import metrics as metrics_lib
 from flaxconv.fit import (
     IncompatibleWorkdirError,
     NonFiniteLossError,
+    WorkdirLockedError,
+    claim_workdir,
     fit,
-    make_workdir,
     write_json,
 )
 
@@ -104,8 +105,14 @@ def train_and_evaluate(
     ``callbacks`` for ``fit``.
     """
     parallel.initialize()  # a multi-process run when JAX_COORDINATOR_ADDRESS etc. are set
-    # What needs no data is checked before the (possibly long) dataset preparation.
-    make_workdir(config.workdir)
+    # What needs no data is checked before the (possibly long) dataset preparation; the
+    # workdir is ours (locked) from here until results.json and the plots are written, and
+    # is removed again if it was new and nothing got written into it.
+    with claim_workdir(config.workdir):
+        return _train_and_evaluate(config, datasets, model, tx, callbacks)
+
+
+def _train_and_evaluate(config, datasets, model, tx, callbacks) -> dict[str, Any]:
     if tx is None:
         tx = fc.optim.make(config.optimizer, learning_rate=config.learning_rate)
     if datasets is None:
@@ -193,6 +200,7 @@ USER_ERRORS = (
     data.DatasetUnavailableError,
     IncompatibleWorkdirError,
     NonFiniteLossError,
+    WorkdirLockedError,
     ValueError,
     TypeError,
     FileNotFoundError,
