@@ -50,8 +50,8 @@ def freeze(
       ``state`` with ``tx`` wrapped by :func:`flaxconv.optim.freeze`, a fresh optimizer
       state (moments for the trainable parameters only; ``step`` is kept), and a model
       whose frozen BatchNorm layers run in inference mode (its ``frozen_batch_norm``
-      field, as on :class:`flaxconv.models.ConvStack`). Params and batch_stats are the
-      same arrays.
+      field, as on :class:`flaxconv.models.ConvStack` and
+      :class:`flaxconv.state.NNXModel`). Params and batch_stats are the same arrays.
 
     Raises:
       ValueError: a pattern matches no parameter (the message lists the layers), or
@@ -79,7 +79,8 @@ def _frozen_batch_norm(batch_stats: Any, frozen: tuple[str, ...]) -> tuple[str, 
     if not frozen or not jax.tree.leaves(batch_stats):
         return ()
     mask = traverse_util.flatten_dict(optim.layer_mask(batch_stats, frozen, strict=False))
-    return tuple(dict.fromkeys("/".join(path[:-1]) for path, hit in mask.items() if hit))
+    # map(str): an NNX model's list items are int keys.
+    return tuple(dict.fromkeys("/".join(map(str, path[:-1])) for path, hit in mask.items() if hit))
 
 
 def copy_layers(

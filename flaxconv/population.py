@@ -171,7 +171,7 @@ def _vmapped_kernels(kernels: str) -> str:
 
 def create_population(
     keys_or_key: jax.Array,
-    model: nn.Module,
+    model: nn.Module | Any,
     tx: optax.GradientTransformation,
     sample_input: Any,
     num_models: int | None = None,
@@ -186,7 +186,10 @@ def create_population(
     Args:
       keys_or_key: typed keys ``[K]`` (e.g. :func:`keys_from_seeds`), or one key that is
         split into ``num_models``; legacy uint32 ``[K, 2]`` / ``[2]`` keys work too.
-      model: the linen module, shared by all members.
+      model: the linen module, shared by all members; or an NNX model as for
+        :func:`flaxconv.create_train_state`: a function ``rngs -> nnx.Module`` (each
+        member built from its own key) or a module (every member starts from its
+        variables).
       tx: the Optax optimizer, shared (per-member learning rates need
         :func:`flaxconv.optim.make`, see :func:`set_learning_rates`).
       sample_input: anything with shape ``[N, H, W, C]``; only the shape is used.

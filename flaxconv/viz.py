@@ -7,8 +7,11 @@
 
 Layers are named as in the model (``conv_0``, ``bn_0``, ``pool_0``, ...); feature maps come
 from Flax's ``capture_intermediates``, so they are each layer's own output: a ``conv_i`` map
-is the convolution before BatchNorm and relu, a ``pool_i`` map is after the relu. Plots go
-to PNG files through matplotlib's Agg backend (no display needed).
+is the convolution before BatchNorm and relu, a ``pool_i`` map is after the relu. An NNX
+model's layers are the submodules its ``__call__`` calls, named by attribute path
+(``conv1``, ``blocks/0``; see :func:`flaxconv.state.call_layers`): its pools, being
+functions (``nnx.max_pool``), have no maps of their own. Plots go to PNG files through
+matplotlib's Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -23,20 +26,57 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from flaxconv import optim
-from flaxconv.state import TrainState
+from flaxconv.state import NNXModel, TrainState, call_layers, split_nnx
 from flaxconv.steps import apply_model, check_images, prepare_images
 
 
-def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple]:
+def layer_table(
+    model: nn.Module | nnx.Module | TrainState, input_shape: tuple[int, ...] | None = None
+) -> list[tuple]:
     """Rows ``(name, layer type, output shape, trainable params, non-trainable params)`` of
-    the model's direct submodules, in call order, from one abstract (shape-only) pass."""
+    the model's layers, in call order, from one abstract (shape-only) pass.
+
+    A linen model's layers are its direct submodules (type from the name: ``conv_0`` is a
+    ``Conv``); an NNX model's are the submodules its ``__call__`` calls directly
+    (:func:`flaxconv.state.call_layers`: name ``"conv1"`` or ``"blocks/0"``, type the class
+    name). Variables that no listed layer holds (e.g. all of an NNX module bridged to linen
+    by ``nnx.bridge.to_linen``, whose inner layers linen does not see) get one row per
+    top-level name with type and output shape None, so the rows always add up to the
+    model's totals.
+
+    Args:
+      model: a linen module, an NNX module, or a TrainState (its model and input shape).
+      input_shape: ``(H, W, C)``; needed for a bare module.
+    """
+    return _table(model, input_shape)[1]
+
+
+def _table(model, input_shape):
+    """``(model name, rows, params tree)``: see :func:`layer_table`; the params are arrays or
+    ``jax.ShapeDtypeStruct``s."""
+    if isinstance(model, TrainState):
+        state, input_shape = model, model.input_shape
+        if isinstance(state.model, NNXModel):
+            return _nnx_table(state.model, state.params, state.batch_stats, input_shape)
+        model = state.model
+    if input_shape is None:
+        raise ValueError("summary needs input_shape=(H, W, C) for a bare module")
+    input_shape = tuple(input_shape)
+    if isinstance(model, nnx.Module):
+        return _nnx_table(*split_nnx(model), input_shape)
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model is a {type(model).__name__}; expected a linen or NNX module or a TrainState"
+        )
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     call_order: list[str] = []  # pytrees sort dict keys; record the order while tracing
 
     def forward(x):
-        variables = model.init(jax.random.key(0), x, train=False)
+        key = jax.random.key(0)  # "dropout" for bridged NNX modules, as create_train_state
+        variables = model.init({"params": key, "dropout": key}, x, train=False)
         _, state = model.apply(
             variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
         )
@@ -45,21 +85,82 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple]:
 
     variables, intermediates = jax.eval_shape(forward, x)
     params = variables.get("params", {})
-    stats = variables.get("batch_stats", {})
+    others = [v for k, v in variables.items() if k not in ("params", "intermediates")]
+    layers = [
+        (name, _layer_type(name), intermediates[name]["__call__"][0])
+        for name in call_order if name != "__call__"
+    ]
+    return type(model).__name__, _rows(layers, params, others), params
+
+
+def _nnx_table(model: NNXModel, params, batch_stats, input_shape):
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    found: list[tuple[str, str]] = []
+
+    def forward(variables, x):
+        module = model.merge(variables["params"], variables["batch_stats"])
+        _, layers = call_layers(module, x)
+        found.extend((name, kind) for name, kind, _ in layers)
+        return [out for _, _, out in layers]
+
+    outs = jax.eval_shape(forward, {"params": params, "batch_stats": batch_stats}, x)
+    first: dict[str, tuple[str, Any]] = {}
+    for (name, kind), out in zip(found, outs, strict=True):
+        first.setdefault(name, (kind, out))  # a layer called twice is one row
+    layers = [(name, kind, out) for name, (kind, out) in first.items()]
+    return model.module_type.__name__, _rows(layers, params, [batch_stats]), params
+
+
+def _rows(layers: list[tuple[str, str, Any]], params: Any, others: list[Any]) -> list[tuple]:
+    """Summary rows of ``layers`` (name, type, output), their variable counts, and one row
+    per top-level name of the variables no layer holds."""
+    trainable, fixed = _sizes(params), [_sizes(tree) for tree in others]
     rows = []
-    for name in call_order:
-        if name == "__call__":
-            continue
-        out = intermediates[name]["__call__"][0]
-        rows.append(
-            (name, _layer_type(name), ("None", *out.shape[1:]),
-             _count(params.get(name, {})), _count(stats.get(name, {})))
-        )
+    for name, kind, out in layers:
+        shape = ("None", *out.shape[1:]) if hasattr(out, "shape") else None
+        rows.append((name, kind, shape, _total(trainable, name),
+                     sum(_total(f, name) for f in fixed)))
+    names = [name for name, _, _ in layers]
+    rest: dict[str, list[int]] = {}
+    for sizes, column in [(trainable, 0), *((f, 1) for f in fixed)]:
+        for path, size in sizes.items():
+            if not any(_under(path, name) for name in names):
+                rest.setdefault(path.split("/")[0], [0, 0])[column] += size
+    rows += [(name, None, None, p, q) for name, (p, q) in rest.items()]
     return rows
 
 
-def _count(tree: Any) -> int:
-    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+def _sizes(tree: Any) -> dict[str, int]:
+    """``{"layer/.../leaf": number of scalars}`` of a variable tree."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_name(k) for k in path): int(np.prod(np.shape(leaf)))
+            for path, leaf in leaves}
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("key", "idx", "name"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _under(path: str, layer: str) -> bool:
+    """Whether the ``/``-joined variable ``path`` belongs to ``layer``."""
+    return path == layer or path.startswith(layer + "/")
+
+
+def _total(sizes: dict[str, int], layer: str) -> int:
+    return sum(size for path, size in sizes.items() if _under(path, layer))
+
+
+def _subtree(tree: Any, name: str) -> Any:
+    """The part of a nested dict at the ``/``-joined path ``name`` (``{}`` if absent);
+    keys match by their string form, so NNX list items (int keys) are found too."""
+    for part in name.split("/"):
+        if not hasattr(tree, "items"):
+            return {}
+        tree = next((v for k, v in tree.items() if str(k) == part), {})
+    return tree
 
 
 def _layer_type(name: str) -> str:
@@ -75,8 +176,12 @@ def _layer_type(name: str) -> str:
     }.get(prefix, prefix)
 
 
+def _model_name(model: Any) -> str:
+    return model.module_type.__name__ if isinstance(model, NNXModel) else type(model).__name__
+
+
 def summary(
-    model: nn.Module | TrainState,
+    model: nn.Module | nnx.Module | TrainState,
     input_shape: tuple[int, ...] | None = None,
     *,
     frozen: str | Sequence[str] = (),
@@ -84,39 +189,35 @@ def summary(
     """Keras's ``model.summary()`` as a string: layer, output shape, params, and totals.
 
     Args:
-      model: a linen module, or a TrainState (its model and input shape are used).
+      model: a linen module (a bridged ``nnx.bridge.to_linen`` one too), an NNX module, or
+        a TrainState (its model and input shape are used). See :func:`layer_table` for
+        which layers are listed; the totals count every variable of the model.
       input_shape: ``(H, W, C)``; taken from the state when a TrainState is given.
       frozen: layer-name patterns of frozen layers (as given to
         :func:`flaxconv.finetune.freeze`); their parameters count as non-trainable, as in
-        Keras. BatchNorm statistics always do.
+        Keras. BatchNorm statistics (every non-parameter variable) always do.
     """
-    if isinstance(model, TrainState):
-        model, input_shape = model.model, model.input_shape
-    if input_shape is None:
-        raise ValueError("summary needs input_shape=(H, W, C) for a bare module")
-    rows = layer_table(model, tuple(input_shape))
+    name, rows, params = _table(model, input_shape)
     frozen_count = 0
     if frozen:
-        x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-        params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-        mask = optim.layer_mask(params["params"], frozen, "frozen")
+        mask = optim.layer_mask(params, frozen, "frozen")
         frozen_count = sum(
             int(np.prod(leaf.shape))
-            for leaf, hit in zip(
-                jax.tree.leaves(params["params"]), jax.tree.leaves(mask), strict=True
-            )
+            for leaf, hit in zip(jax.tree.leaves(params), jax.tree.leaves(mask), strict=True)
             if hit
         )
     header = ("Layer (type)", "Output Shape", "Param #")
     lines = [
-        (f"{n} ({t})", "(" + ", ".join(map(str, s)) + ")", f"{p + q:,}") for n, t, s, p, q in rows
+        (n if t is None else f"{n} ({t})",
+         "?" if s is None else "(" + ", ".join(map(str, s)) + ")", f"{p + q:,}")
+        for n, t, s, p, q in rows
     ]
     widths = [max(len(r[i]) for r in [header, *lines]) + 2 for i in range(3)]
     rule = "─" * sum(widths)
     fmt = lambda r: f"{r[0]:<{widths[0]}}{r[1]:<{widths[1]}}{r[2]:>{widths[2]}}"  # noqa: E731
     total = sum(r[3] + r[4] for r in rows)
     trainable = sum(r[3] for r in rows) - frozen_count
-    out = [f'Model: "{type(model).__name__}"', rule, fmt(header), rule]
+    out = [f'Model: "{name}"', rule, fmt(header), rule]
     out += [fmt(r) for r in lines]
     out += [
         rule,
@@ -188,8 +289,8 @@ def map_layers(state: TrainState, layers: str | Sequence[str] | None = None) -> 
       ValueError: a pattern that matches none of them, listing them.
     """
     spatial = [
-        name for name, _, shape, _, _ in layer_table(state.model, tuple(state.input_shape))
-        if len(shape) == 4
+        name for name, _, shape, _, _ in layer_table(state)
+        if shape is not None and len(shape) == 4
     ]
     if layers is None:
         return spatial
@@ -204,6 +305,10 @@ def map_layers(state: TrainState, layers: str | Sequence[str] | None = None) -> 
 
 
 def _capture_fn(state: TrainState, images: jax.Array, names: tuple[str, ...]):
+    if isinstance(state.model, NNXModel):
+        _, captured = apply_model(state, state.variables(), prepare_images(images),
+                                  train=False, capture=names)
+        return captured["intermediates"]
     names_set = set(names)
     _, captured = apply_model(
         state,
@@ -281,7 +386,7 @@ def feature_maps(
     """
     maps = activations(state, images, layers)
     if not maps:
-        raise ValueError(f"{type(state.model).__name__} has no layer with [N, H, W, C] output")
+        raise ValueError(f"{_model_name(state.model)} has no layer with [N, H, W, C] output")
     if isinstance(channels, int | np.integer):
         if channels < 1:
             raise ValueError(f"channels={channels}; expected a positive count or indices")
@@ -354,15 +459,15 @@ def filters(
         ``input_channel`` is out of range.
     """
     convs = [
-        row[0] for row in layer_table(state.model, tuple(state.input_shape))
-        if np.ndim(state.params.get(row[0], {}).get("kernel", 0)) == 4
+        row[0] for row in layer_table(state)
+        if np.ndim(_subtree(_subtree(state.params, row[0]), "kernel")) == 4
     ]
     layer = convs[0] if layer is None and convs else layer
     if layer not in convs:
         raise ValueError(f"layer={layer!r} is not a conv layer; expected one of {convs}")
     if columns < 1 or cell < 1:
         raise ValueError(f"columns={columns}, cell={cell}; expected positive integers")
-    kernel = np.asarray(state.params[layer]["kernel"], np.float32)
+    kernel = np.asarray(_subtree(state.params, f"{layer}/kernel"), np.float32)
     kh, kw, c_in, c_out = kernel.shape
     rgb = c_in == 3
     if not rgb and not 0 <= input_channel < c_in:
