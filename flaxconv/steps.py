@@ -9,7 +9,13 @@ A batch is a dict::
 Metrics come back as sums over the batch, so dataset-level numbers are exact sums over
 batches (see :func:`summarize`):
 
-    {"loss_sum": f32[], "correct": f32[], "count": f32[]}     # eval_step adds "confusion"
+    {"loss_sum": f32[], "correct": f32[], "count": f32[],     # eval_step adds "confusion"
+     "invalid_labels": f32[]}
+
+A label outside ``[0, num_classes)`` is never trained on silently: the update is the mean
+over the other examples, the batch's ``loss_sum`` is NaN (``fc.fit`` would stop on it), and
+``invalid_labels`` counts such examples. ``fc.fit`` and ``fc.metrics.evaluate`` refuse them
+before any step, naming a bad value.
 
 ``train_step``, ``eval_step`` and ``predict`` are ``jax.jit``-ed and do not donate their
 inputs (a caller's earlier state stays valid); ``*_fn`` are the same functions un-jitted,
@@ -131,13 +137,27 @@ def explain_kernels(state: TrainState, images: Any, train: bool = True
                            policy=state.kernels)
 
 
-def batch_metrics(logits: jax.Array, labels: jax.Array, losses: jax.Array, mask: jax.Array):
-    """Summable metrics of one batch: masked loss sum, correct count, example count."""
+def example_losses(logits: jax.Array, labels: jax.Array, mask: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Softmax cross-entropy per example, float32 ``[B]``, and whether each unmasked label
+    is outside ``[0, num_classes)`` (bool ``[B]``). Such an example's loss is NaN: a
+    gather would otherwise wrap -1 to the last class, or read past the logits."""
+    invalid = ((labels < 0) | (labels >= logits.shape[-1])) & (mask > 0)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.where(invalid, jnp.nan, losses), invalid
+
+
+def batch_metrics(logits: jax.Array, labels: jax.Array, losses: jax.Array, mask: jax.Array,
+                  invalid: jax.Array | None = None):
+    """Summable metrics of one batch: masked loss sum, correct count, example count, and
+    the count of unmasked examples whose label is out of range."""
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    invalid = jnp.zeros_like(mask) if invalid is None else invalid.astype(jnp.float32)
     return {
-        "loss_sum": jnp.sum(losses * mask),
+        "loss_sum": jnp.sum(jnp.where(mask > 0, losses, 0.0) * mask),
         "correct": jnp.sum(correct * mask),
         "count": jnp.sum(mask),
+        "invalid_labels": jnp.sum(invalid),
     }
 
 
@@ -153,9 +173,11 @@ def loss_fn(
                       rngs=state.step_rngs(), mutable=mutable)
     logits, updates = out if mutable else (out, {})
     logits = logits.astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    metrics = batch_metrics(logits, labels, losses, mask)
+    losses, invalid = example_losses(logits, labels, mask)
+    # The update is the mean over the valid examples; the metrics keep the NaN loss.
+    weight = mask * (1.0 - invalid)
+    loss = jnp.sum(jnp.where(invalid, 0.0, losses) * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+    metrics = batch_metrics(logits, labels, losses, mask, invalid)
     return loss, (metrics, updates.get("batch_stats", state.batch_stats))
 
 
@@ -178,13 +200,14 @@ def train_step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]
 def eval_step_fn(state: TrainState, batch: Batch) -> Metrics:
     """Metric sums of the model in inference mode on ``batch``; pure.
 
-    Returns ``loss_sum``, ``correct``, ``count`` (float32 scalars) and ``confusion``
-    (float32 ``[num_classes, num_classes]``, rows = true class, columns = predicted).
+    Returns ``loss_sum``, ``correct``, ``count``, ``invalid_labels`` (float32 scalars) and
+    ``confusion`` (float32 ``[num_classes, num_classes]``, rows = true class, columns =
+    predicted; an out-of-range label has no row, and counts in ``invalid_labels``).
     """
     images, labels, mask = check_batch(state, batch)
     logits = apply_model(state, state.variables(), images, train=False).astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    metrics = batch_metrics(logits, labels, losses, mask)
+    losses, invalid = example_losses(logits, labels, mask)
+    metrics = batch_metrics(logits, labels, losses, mask, invalid)
     num_classes = logits.shape[-1]
     onehot_true = jax.nn.one_hot(labels, num_classes) * mask[:, None]
     onehot_pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)

@@ -196,3 +196,19 @@ def test_trim_leaves_inputs_whole_where_every_pixel_counts():
     assert fc.models.get("dense").used_input_size(28, 28) == (28, 28)
     assert fc.models.get("dlwp_mnist").used_input_size(9, 9) == (9, 9)  # too small to pool
 
+
+
+def test_out_of_range_labels_are_never_trained_on_silently():
+    state = make_state()
+    batch = {"image": random_batch(4)["image"], "label": np.array([0, 1, -1, 10], np.int32)}
+    new, metrics = fc.train_step(state, batch)
+    assert float(metrics["invalid_labels"]) == 2 and np.isnan(float(metrics["loss_sum"]))
+    # -1 no longer trains as class 9: the valid rows alone give the update.
+    valid = {"image": batch["image"][:2], "label": batch["label"][:2]}
+    chex.assert_trees_all_close(new.params, fc.train_step(state, valid)[0].params, atol=1e-6)
+    sums = fc.eval_step(state, batch)
+    assert float(sums["invalid_labels"]) == 2 and float(sums["confusion"].sum()) == 2
+    # Padding rows (mask False) are never counted, whatever their label.
+    padded = {**batch, "mask": np.array([True, True, False, False])}
+    metrics = fc.train_step(state, padded)[1]
+    assert float(metrics["invalid_labels"]) == 0 and np.isfinite(float(metrics["loss_sum"]))
