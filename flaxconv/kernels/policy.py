@@ -2,8 +2,8 @@
 
 A :class:`Policy` answers, for one layer of a traced model, which formulation of
 :mod:`flaxconv.kernels` computes it. The numbers behind each entry are in
-``benchmarks/RESULTS.md`` (``benchmarks/conv_impl.py`` and ``benchmarks/zoo.py`` rerun
-them):
+``benchmarks/RESULTS.md`` §0 (``benchmarks/conv_shapes.py``, ``conv_impl.py`` and ``zoo.py``
+rerun them):
 
 * **CPU.** A conv -> bias -> relu -> 2x2 max-pool block with a 3x3 kernel and several
   input channels runs as Winograd's F(2x2, 3x3). Other stride-1 convolutions run as
