@@ -21,7 +21,7 @@ import optax
 
 from flaxconv import optim
 from flaxconv.experiment import cli, default_config, load_datasets, train_and_evaluate
-from flaxconv.fit import write_json
+from flaxconv.workdir import write_json
 
 SCHEDULES = ("onecycle", "cosine", "constant")
 

@@ -35,7 +35,7 @@ from flax import traverse_util
 import flaxconv as fc
 from flaxconv import data, finetune, viz
 from flaxconv.experiment import cli
-from flaxconv.fit import claim_workdir
+from flaxconv.workdir import claim_workdir
 
 TARGETS = ("sign_language_mnist", "fashion_mnist", "mnist")
 

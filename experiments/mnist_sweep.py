@@ -31,8 +31,9 @@ from flaxconv import data
 from flaxconv import population as pop
 from flaxconv.epochs import epoch_plan
 from flaxconv.experiment import report_errors
-from flaxconv.fit import claim_workdir, data_order_key, write_json
+from flaxconv.fit import data_order_key
 from flaxconv.steps import summarize
+from flaxconv.workdir import claim_workdir, write_json
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -22,14 +22,8 @@ import numpy as np
 import flaxconv as fc
 from flaxconv import data, parallel, viz
 from flaxconv import metrics as metrics_lib
-from flaxconv.fit import (
-    IncompatibleWorkdirError,
-    NonFiniteLossError,
-    WorkdirLockedError,
-    claim_workdir,
-    fit,
-    write_json,
-)
+from flaxconv.fit import IncompatibleWorkdirError, NonFiniteLossError, fit
+from flaxconv.workdir import WorkdirLockedError, claim_workdir, write_json
 
 
 def default_config() -> ml_collections.ConfigDict:

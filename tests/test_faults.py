@@ -22,7 +22,7 @@ from PIL import Image
 import flaxconv as fc
 from flaxconv import checkpoint, data, finetune
 from flaxconv.experiment import cli, default_config, parse_flags
-from flaxconv.fit import LOCK_FILE, WorkdirLockedError, claim_workdir, lock_workdir
+from flaxconv.workdir import LOCK_FILE, WorkdirLockedError, claim_workdir, lock_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = os.environ.get(data.DATA_DIR_ENV)
@@ -49,7 +49,7 @@ def _tree(root: Path) -> dict[str, int]:
 
 HOLDER = """
 import sys, time
-from flaxconv.fit import lock_workdir
+from flaxconv.workdir import lock_workdir
 lock = lock_workdir(sys.argv[1])
 print("locked", flush=True)
 time.sleep(600)
