@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from flaxconv import data
+from flaxconv.data import sources
 
 REAL_DATA_DIR = os.environ.get(data.DATA_DIR_ENV)
 needs_real_data = pytest.mark.skipif(
@@ -28,11 +29,12 @@ def _write_fixture(root: Path, n_train: int = 20, n_test: int = 7) -> dict:
     rng = np.random.default_rng(0)
     folder = root / "mnist"
     folder.mkdir(parents=True)
+    (folder / sources.CUSTOM_FILES_MARKER).touch()  # not the published files: read unchecked
     arrays = {}
     for split, n in (("train", n_train), ("test", n_test)):
         images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, n, dtype=np.uint8)
-        image_file, label_file = data._SPLIT_FILES[split]
+        image_file, label_file = sources._SPLIT_FILES[split]
         (folder / image_file).write_bytes(gzip.compress(_idx_bytes(images, 0x803)))
         (folder / label_file).write_bytes(gzip.compress(_idx_bytes(labels, 0x801)))
         arrays[split] = (images, labels)
@@ -121,16 +123,32 @@ def test_unset_env_raw_is_unavailable(monkeypatch):
         data.load("mnist", "test", source="raw")
 
 
-def test_module_works_without_tensorflow(fixture_dir):
-    """Import and source='auto' fall back to numpy when TF/tfds cannot be imported."""
+def test_in_memory_and_image_folder_paths_work_without_tensorflow(fixture_dir):
+    """With TensorFlow and tfds unimportable, as on a Colab TPU runtime: raw MNIST
+    (``source="auto"`` falls back to it), batches and image folders (PNG and JPEG, streamed
+    and in memory) all work, and nothing imports TensorFlow."""
+    from PIL import Image
+
     root, arrays = fixture_dir
+    rng = np.random.default_rng(0)
+    for i, (cls, fmt) in enumerate([("a", "PNG"), ("a", "JPEG"), ("b", "PNG"), ("b", "JPEG")]):
+        (root / "images" / cls).mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "images" / cls / f"{i}.{fmt.lower()}", format=fmt)
     code = (
         "import os, sys\n"
-        "sys.modules['tensorflow'] = None\n"
+        "sys.modules['tensorflow'] = None  # importing it now fails, as if not installed\n"
         "sys.modules['tensorflow_datasets'] = None\n"
         "from flaxconv import data\n"
         "images, labels = data.load('mnist', 'test')\n"
-        "print(images.shape, labels.sum())\n"
+        "batch = next(data.batches(images, labels, 4, shuffle=True))\n"
+        "print(images.shape, labels.sum(), batch['image'].shape)\n"
+        "train, val = data.image_folder(sys.argv[1], image_size=(6, 5), seed=0,\n"
+        "    color_mode='grayscale', batch_size=2, validation_split=0.5, subset='both')\n"
+        "steps = [b['image'].shape for b in train(0)]\n"
+        "print(len(steps), steps[0], val.arrays()[0].shape, len(val.arrays()[1]))\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]\n"
+        "print(sys.modules['tensorflow'] is None and not [m for m in loaded if sys.modules[m]])\n"
         "del os.environ[data.DATA_DIR_ENV]\n"
         "try:\n"
         "    data.load('mnist', 'test')\n"
@@ -139,7 +157,7 @@ def test_module_works_without_tensorflow(fixture_dir):
     )
     env = {**os.environ, data.DATA_DIR_ENV: str(root)}
     out = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", code, str(root / "images")],
         env=env,
         capture_output=True,
         text=True,
@@ -147,7 +165,9 @@ def test_module_works_without_tensorflow(fixture_dir):
         cwd=Path(__file__).resolve().parents[1],
     )
     assert out.returncode == 0, out.stderr
-    want = ["(7,", "28,", "28,", "1)", str(arrays["test"][1].sum()), "DatasetUnavailableError"]
+    want = ["(7,", "28,", "28,", "1)", str(arrays["test"][1].sum()), "(4,", "28,", "28,", "1)",
+            "1", "(2,", "6,", "5,", "1)", "(2,", "6,", "5,", "1)", "2", "True",
+            "DatasetUnavailableError"]
     assert out.stdout.split() == want
 
 
@@ -278,7 +298,7 @@ def test_tfds_download_failure_is_one_line(tmp_path, monkeypatch):
     """No local files and no network: tfds's error becomes DatasetUnavailableError."""
     pytest.importorskip("tensorflow_datasets")
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-    monkeypatch.setattr(data, "_tfds_builder", lambda name, data_dir: _FailingBuilder())
+    monkeypatch.setattr(sources, "_tfds_builder", lambda name, data_dir: _FailingBuilder())
     with pytest.raises(data.DatasetUnavailableError) as info:
         data.load("kmnist", "train", source="tfds", data_dir=tmp_path)
     message = str(info.value)
