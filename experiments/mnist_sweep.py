@@ -11,6 +11,12 @@ per-member`` (the default) member ``i`` sees the data order ``fc.fit`` uses for 
 it ends where ``mnist_convnet.py --seed <seed_i>`` would (same optimizer, learning rate,
 batch size, no validation split). Prints a line per epoch, the per-member table and the
 ensemble's test accuracy, and writes ``<workdir>/results.json``.
+
+Every epoch ends with a checkpoint of the whole population in ``<workdir>/checkpoints/``:
+running the same command again resumes after the last saved epoch (a workdir of another
+configuration is refused), and SIGTERM stops the run after the epoch in progress, saved,
+with exit status 143 (:mod:`flaxconv.preemption`). A run in which every member diverged
+stops with an error (exit status 1) instead of training NaNs.
 """
 
 from __future__ import annotations
@@ -27,13 +33,30 @@ import ml_collections
 import numpy as np
 
 import flaxconv as fc
-from flaxconv import data
+from flaxconv import data, preemption
 from flaxconv import population as pop
+from flaxconv.checkpoint import Checkpoints
 from flaxconv.epochs import epoch_plan
-from flaxconv.experiment import report_errors
-from flaxconv.fit import data_order_key
+from flaxconv.experiment import check_seed, report_errors
+from flaxconv.fit import NonFiniteLossError, data_order_key
 from flaxconv.steps import summarize
-from flaxconv.workdir import claim_workdir, write_json
+from flaxconv.workdir import check_config, claim_workdir, write_json
+
+# Flags that a resumed sweep may change: they do not alter the training.
+RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "workdir")
+
+
+class PopulationDivergedError(NonFiniteLossError):
+    """Every member's training loss became NaN or infinite in ``epoch`` (0-based)."""
+
+    def __init__(self, epoch: int, losses: list[float]):
+        self.step, self.epoch, self.loss = None, epoch, losses
+        FloatingPointError.__init__(
+            self,
+            f"every member diverged in epoch {epoch + 1} (training losses {losses}); "
+            f"stopped (lower the learning rates or check the inputs). The last good "
+            f"checkpoint, if any, is kept.",
+        )
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -121,8 +144,12 @@ def parse_flags(argv: list[str] | None = None) -> ml_collections.ConfigDict:
                      "separated by commas, or logspace:FROM:TO with FROM, TO > 0")
     try:
         seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds {args.seeds!r}: expected integers separated by commas")
+        for i, seed in enumerate(seeds or ()):
+            check_seed(seed, f"seed {i} of --seeds")
+        check_seed(args.data_seed, "--data-seed")
+    except ValueError as error:
+        parser.error(f"--seeds {args.seeds!r}: expected integers separated by commas"
+                     if "expected an integer" not in str(error) else str(error))
 
     # K: explicit, else the length of a list given, else the default.
     lengths = [len(x) for x in (seeds, rates) if x is not None and len(x) > 1]
@@ -170,6 +197,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
         train_labels = train_labels[: config.train_examples]
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     k = config.num_models
+    check_config(config.workdir, {key: value for key, value in config.to_dict().items()
+                                  if key not in RESUMABLE_CHANGES})
 
     model = fc.models.get(config.model, num_classes=num_classes)
     # The rate given to make() is a placeholder: create_population sets each member's.
@@ -190,33 +219,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
           f"batch {config.batch_size}, {plan.steps} steps/epoch, on {len(devices)} "
           f"{jax.default_backend()} device(s)", flush=True)
 
-    history: dict[str, list[list[float]]] = {"loss": [], "accuracy": [], "test_loss": [],
-                                             "test_accuracy": []}
-    epoch_seconds = []
-    start = time.perf_counter()
-    for epoch in range(config.epochs):
-        if config.shuffle == "per-member":
-            keys = jax.vmap(data_order_key, in_axes=(0, None))(states, epoch)
-        else:
-            keys = jax.random.fold_in(jax.random.key(config.data_seed), epoch)
-        indices = pop.population_indices(plan, keys)
-        tick = time.perf_counter()
-        states, sums = pop.train_population_epoch(states, *train, indices, plan.mask)
-        logs = summarize(jax.tree.map(lambda x: np.asarray(x).sum(-1), sums))
-        epoch_seconds.append(time.perf_counter() - tick)
-        logs.update({f"test_{n}": v for n, v in summarize(
-            pop.evaluate_population(states, *test, config.eval_batch_size)).items()})
-        for name in history:
-            history[name].append(np.asarray(logs[name]).tolist())
-        diverged = np.flatnonzero(~np.isfinite(logs["loss"]))
-        note = f" - diverged: members {diverged.tolist()}" if diverged.size else ""
-        print(f"epoch {epoch + 1}/{config.epochs} - {epoch_seconds[-1]:.1f}s - "
-              f"loss {_spread(logs['loss'])} - accuracy {_spread(logs['accuracy'])} - "
-              f"test_accuracy {_spread(logs['test_accuracy'])}{note}", flush=True)
-    train_seconds = time.perf_counter() - start
+    checkpoints = Checkpoints(os.path.join(config.workdir, "checkpoints"), max_to_keep=2)
+    stop = preemption.watch_sigterm()
+    try:
+        states, history, epoch_seconds, train_seconds = _train(
+            config, states, train, test, plan, checkpoints, stop
+        )
+    finally:
+        stop.close()
+        checkpoints.close()  # the last save reaches the disk, or its error is raised
 
-    member_test = {"loss": np.asarray(logs["test_loss"]),
-                   "accuracy": np.asarray(logs["test_accuracy"])}
+    # The last epoch's numbers, [K] each (from the checkpoint when nothing was left to train).
+    last = {name: np.asarray(values[-1]) for name, values in history.items()}
+    member_test = {"loss": last["test_loss"], "accuracy": last["test_accuracy"]}
     print(pop.population_table(member_test, config.learning_rates, config.seeds))
     ensemble = summarize(pop.ensemble_evaluate(states, *test, config.eval_batch_size))
     print(f"ensemble of {k}: test_loss {ensemble['loss']:.4f} - test_accuracy "
@@ -227,7 +242,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
         dict(seed=int(config.seeds[i]), learning_rate=float(config.learning_rates[i]),
              test_accuracy=float(member_test["accuracy"][i]),
              test_loss=float(member_test["loss"][i]),
-             train_accuracy=float(logs["accuracy"][i]), train_loss=float(logs["loss"][i]),
+             train_accuracy=float(last["accuracy"][i]), train_loss=float(last["loss"][i]),
              history={name: [epoch_values[i] for epoch_values in values]
                       for name, values in history.items()})
         for i in range(k)
@@ -250,6 +265,63 @@ def _train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
     write_json(path, results)
     print(f"wrote {path}")
     return results
+
+
+def _train(config, states, train, test, plan, checkpoints: Checkpoints, stop):
+    """The epochs left after the newest checkpoint in ``checkpoints``; each is saved.
+
+    Returns:
+      The states, the history (per-epoch lists of ``[K]`` member values of ``loss``,
+      ``accuracy``, ``test_loss``, ``test_accuracy``), the seconds of each epoch and the
+      training seconds of this call.
+
+    Raises:
+      PopulationDivergedError: every member's loss is non-finite (that epoch is not saved).
+      preemption.Preempted: ``stop()`` became true (SIGTERM); the epoch in progress is
+        finished and saved first.
+    """
+    history: dict[str, list[list[float]]] = {"loss": [], "accuracy": [], "test_loss": [],
+                                             "test_accuracy": []}
+    epoch_seconds: list[float] = []
+    first = 0
+    restored = checkpoints.restore_latest(states)
+    if restored is not None:
+        states, meta = restored
+        first = int(meta["epoch"]) + 1
+        history, epoch_seconds = meta["history"], meta["epoch_seconds"]
+        print(f"Resuming from {checkpoints.directory}/{first - 1} (epoch {first}/"
+              f"{config.epochs} done)", flush=True)
+    start = time.perf_counter()
+    for epoch in range(first, config.epochs):
+        if config.shuffle == "per-member":
+            keys = jax.vmap(data_order_key, in_axes=(0, None))(states, epoch)
+        else:
+            keys = jax.random.fold_in(jax.random.key(config.data_seed), epoch)
+        indices = pop.population_indices(plan, keys)
+        tick = time.perf_counter()
+        states, sums = pop.train_population_epoch(states, *train, indices, plan.mask)
+        logs = summarize(jax.tree.map(lambda x: np.asarray(x).sum(-1), sums))
+        epoch_seconds.append(time.perf_counter() - tick)
+        logs.update({f"test_{n}": v for n, v in summarize(
+            pop.evaluate_population(states, *test, config.eval_batch_size)).items()})
+        for name in history:
+            history[name].append(np.asarray(logs[name]).tolist())
+        diverged = np.flatnonzero(~np.isfinite(logs["loss"]))
+        note = f" - diverged: members {diverged.tolist()}" if diverged.size else ""
+        print(f"epoch {epoch + 1}/{config.epochs} - {epoch_seconds[-1]:.1f}s - "
+              f"loss {_spread(logs['loss'])} - accuracy {_spread(logs['accuracy'])} - "
+              f"test_accuracy {_spread(logs['test_accuracy'])}{note}", flush=True)
+        if diverged.size == config.num_models:
+            raise PopulationDivergedError(epoch, np.asarray(logs["loss"]).tolist())
+        checkpoints.save(epoch, states, {"epoch": epoch, "history": history,
+                                         "epoch_seconds": epoch_seconds})
+        if stop() and epoch + 1 < config.epochs:
+            checkpoints.wait()  # the message says it is saved
+            raise preemption.preempt(
+                config.workdir, states, epoch=epoch, epochs=config.epochs, steps=plan.steps,
+                sums=None, seconds=epoch_seconds[-1], reason=stop.reason,
+            )
+    return states, history, epoch_seconds, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:

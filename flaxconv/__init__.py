@@ -22,6 +22,7 @@ from flaxconv import (
     viz,
 )
 from flaxconv.epochs import evaluate
+from flaxconv.export import export
 from flaxconv.fit import fit
 from flaxconv.population import (
     create_population,
@@ -33,6 +34,7 @@ from flaxconv.population import (
     shard_population,
     train_population_epoch,
 )
+from flaxconv.saved_model import load_model, save_model
 from flaxconv.state import TrainState, create_train_state, num_params
 from flaxconv.steps import (
     add_metrics,
@@ -64,8 +66,10 @@ __all__ = [
     "evaluate_population",
     "eval_step",
     "eval_step_fn",
+    "export",
     "finetune",
     "fit",
+    "load_model",
     "metrics",
     "models",
     "num_params",
@@ -75,6 +79,7 @@ __all__ = [
     "population",
     "predict",
     "predict_fn",
+    "save_model",
     "select_member",
     "shard_population",
     "summarize",

@@ -5,6 +5,16 @@ A callback is any object with some of these methods (all optional; the base clas
 
 * ``on_train_begin(state, workdir) -> None``: called once, after a resumed run has
   restored the callback with ``load_state_dict``.
+* ``on_epoch_begin(epoch, state) -> TrainState | None``: before each epoch's first step.
+* ``on_train_batch_end(batch, logs, state) -> TrainState | None`` with an integer
+  ``batch_interval``: called after every training step whose global number (``state.step``
+  after it) is a multiple of ``batch_interval``; ``batch`` is the step's index in the epoch
+  (from 0) and ``logs`` the epoch's running ``loss`` and ``accuracy`` so far (Keras's batch
+  logs). ``fit`` runs an epoch as one compiled loop, so it is cut at those steps only (one
+  more host round trip each, no recompilation); a callback whose ``batch_interval`` is
+  None or missing (the default) gets no batch calls. Keras calls ``on_train_batch_end``
+  after every batch, which would cut the scanned epoch into single steps: set
+  ``batch_interval = 1`` for that, knowing it costs the scan's speed.
 * ``on_epoch_end(epoch, logs, state) -> TrainState | None``: ``epoch`` counts from 0;
   ``logs`` holds the epoch's numbers (``loss``, ``accuracy``, ``val_*``, ``lr``, ...);
   return a new state to replace the current one (e.g. a lowered learning rate), or None
@@ -50,9 +60,17 @@ class Callback:
     """No-op base class; subclass it and override what you need."""
 
     stop_training: bool = False
+    #: Global steps between ``on_train_batch_end`` calls; None: no batch calls.
+    batch_interval: int | None = None
 
     def on_train_begin(self, state: TrainState, workdir: str | None) -> None:
         pass
+
+    def on_epoch_begin(self, epoch: int, state: TrainState):
+        return None
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, float], state: TrainState):
+        return None
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float], state: TrainState):
         return None
@@ -334,20 +352,37 @@ class ReduceLROnPlateau(Callback):
 
 
 class ModelCheckpoint(Callback):
-    """Saves the train state with Orbax every epoch, or only when ``monitor`` improves.
+    """Saves the train state with Orbax every epoch (or every ``save_freq`` steps), or only
+    when ``monitor`` improves; Keras's callback, in Keras's argument order.
 
     Built on :class:`flaxconv.checkpoint.Checkpoints` (an Orbax ``CheckpointManager``):
     saves are asynchronous, ``max_to_keep`` checkpoints are kept — the best ones by
-    ``monitor`` with ``save_best_only``, else the latest — and
-    ``flaxconv.checkpoint.load_state(directory, template)`` loads the newest one.
+    ``monitor`` with ``save_best_only``, else the latest. A checkpoint is named by its
+    epoch (from 0), or with an integer ``save_freq`` by its global step; its metadata holds
+    ``epoch``, ``logs`` and ``weights_only`` (and ``batch`` and ``step`` for step saves).
+    ``flaxconv.checkpoint.load_state(directory, template)`` loads the newest whole one.
 
     Args:
       directory: where the checkpoints go; default ``<workdir>/model_checkpoint``.
         ``filepath=`` (Keras's name) is accepted too.
-      monitor: the key of the epoch logs that ranks checkpoints.
+      monitor: the key of the logs that ranks checkpoints.
       verbose: 1 prints each save.
-      save_best_only: save only epochs where ``monitor`` beats the best so far.
+      save_best_only: save only when ``monitor`` beats the best so far.
+      save_weights_only: save the model's variables — ``params`` and ``batch_stats`` (and
+        the step and rng, two scalars) — without the optimizer state (Keras's
+        ``save_weights``): for Adam about a third of the bytes, but a run cannot resume
+        from it with the same optimizer moments. Load it with
+        ``flaxconv.checkpoint.restore_params(directory, state)`` (Keras's
+        ``load_weights``), or ``load_state(directory, state.replace(opt_state=None))``.
       mode: ``"min"``, ``"max"`` or ``"auto"`` (as :class:`EarlyStopping`).
+      save_freq: ``"epoch"``, or a positive integer: save after every ``save_freq``-th
+        training step (counted by ``state.step``, across epochs) instead of at epoch ends,
+        as Keras. ``fit`` then cuts its scanned epoch at those steps (see the module
+        docstring). ``monitor`` is then read from the batch logs (``loss``, ``accuracy``:
+        the epoch's running means), so a ``val_*`` monitor with ``save_best_only`` is
+        refused (Keras would warn and save every time).
+      initial_value_threshold: with ``save_best_only``, the value ``monitor`` must beat
+        for the first save (Keras's); a finite number.
       max_to_keep: how many checkpoints to keep (None: all).
       asynchronous: write in a background thread (finished before ``fit`` returns).
     """
@@ -358,7 +393,10 @@ class ModelCheckpoint(Callback):
         monitor: str = "val_loss",
         verbose: int = 0,
         save_best_only: bool = False,
+        save_weights_only: bool = False,
         mode: str = "auto",
+        save_freq: str | int = "epoch",
+        initial_value_threshold: float | None = None,
         max_to_keep: int | None = 1,
         asynchronous: bool = True,
         *,
@@ -370,11 +408,45 @@ class ModelCheckpoint(Callback):
             raise ValueError(
                 f"ModelCheckpoint: max_to_keep={max_to_keep!r}; expected a positive int or None"
             )
+        if save_freq != "epoch" and (
+            isinstance(save_freq, bool) or not isinstance(save_freq, int | np.integer)
+            or save_freq < 1
+        ):
+            raise ValueError(
+                f"ModelCheckpoint: save_freq={save_freq!r}; expected 'epoch' or a positive "
+                f"integer number of steps"
+            )
+        if initial_value_threshold is not None:
+            if isinstance(initial_value_threshold, bool) or not isinstance(
+                initial_value_threshold, int | float | np.integer | np.floating
+            ) or not np.isfinite(initial_value_threshold):
+                raise ValueError(
+                    f"ModelCheckpoint: initial_value_threshold={initial_value_threshold!r}; "
+                    f"expected a finite number or None"
+                )
+            if not save_best_only:
+                raise ValueError(
+                    f"ModelCheckpoint: initial_value_threshold={initial_value_threshold!r} "
+                    f"only applies with save_best_only=True (Keras ignores it otherwise)"
+                )
+        if save_best_only and save_freq != "epoch" and monitor.startswith("val_"):
+            raise ValueError(
+                f"ModelCheckpoint: monitor={monitor!r} with save_freq={save_freq!r} and "
+                f"save_best_only: validation metrics exist only at epoch ends; monitor "
+                f"'loss' or 'accuracy' (the epoch's running means) or use save_freq='epoch'"
+            )
         self.directory = directory if directory is not None else filepath
         self.monitor, self.verbose, self.save_best_only = monitor, verbose, save_best_only
         self.mode = resolve_mode(monitor, mode, "ModelCheckpoint") if save_best_only else mode
+        self.save_weights_only = bool(save_weights_only)
+        self.save_freq = save_freq if save_freq == "epoch" else int(save_freq)
+        self.batch_interval = None if save_freq == "epoch" else int(save_freq)
+        self.initial_value_threshold = (
+            None if initial_value_threshold is None else float(initial_value_threshold)
+        )
         self.max_to_keep, self.asynchronous = max_to_keep, asynchronous
         self.checkpoints: Checkpoints | None = None
+        self.epoch = 0
         self.load_state_dict({})
 
     def on_train_begin(self, state, workdir):
@@ -393,7 +465,23 @@ class ModelCheckpoint(Callback):
             asynchronous=self.asynchronous,
         )
 
+    def on_epoch_begin(self, epoch, state):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs, state):
+        step = int(state.step)
+        where = f"Epoch {self.epoch + 1}, step {step}"
+        meta = {"epoch": self.epoch, "batch": batch, "step": step}
+        self._save(step, where, meta, logs, state)
+
     def on_epoch_end(self, epoch, logs, state):
+        if self.save_freq == "epoch":
+            self._save(epoch, f"Epoch {epoch + 1}", {"epoch": epoch}, logs, state)
+        return None
+
+    def _save(self, number, where, meta, logs, state):
+        """Checkpoint ``number`` of ``state``, unless ``save_best_only`` finds no
+        improvement; ``where`` names the moment in messages."""
         if self.checkpoints is None:
             raise RuntimeError("ModelCheckpoint.on_train_begin was not called")
         metrics = None
@@ -401,21 +489,23 @@ class ModelCheckpoint(Callback):
             current = monitored(logs, self.monitor, "ModelCheckpoint")
             if not improved(current, self.best, self.mode):
                 if self.verbose:
-                    print(f"Epoch {epoch + 1}: {self.monitor} did not improve from "
+                    print(f"{where}: {self.monitor} did not improve from "
                           f"{self.best:.5f}", flush=True)
-                return None
+                return
             if self.verbose:
                 none = "inf" if self.mode == "min" else "-inf"
                 before = none if self.best is None else f"{self.best:.5f}"
-                print(f"Epoch {epoch + 1}: {self.monitor} improved from {before} to "
+                print(f"{where}: {self.monitor} improved from {before} to "
                       f"{current:.5f}, saving to {self.checkpoints.directory}", flush=True)
             self.best, metrics = current, {self.monitor: current}
         elif self.verbose:
-            print(f"Epoch {epoch + 1}: saving to {self.checkpoints.directory}", flush=True)
+            print(f"{where}: saving to {self.checkpoints.directory}", flush=True)
+        if self.save_weights_only:
+            state = state.replace(opt_state=None)  # Orbax saves no leaf for None
+        meta = {**meta, "logs": dict(logs), "weights_only": self.save_weights_only}
         # After a resume the epoch may be saved already (identical: training is
         # deterministic); Orbax then skips it.
-        self.checkpoints.save(epoch, state, {"epoch": epoch, "logs": dict(logs)}, metrics)
-        return None
+        self.checkpoints.save(number, state, meta, metrics)
 
     def on_train_end(self, state):
         self.close()
@@ -429,7 +519,8 @@ class ModelCheckpoint(Callback):
         return {"best": self.best}
 
     def load_state_dict(self, state):
-        self.best = state.get("best")
+        best = state.get("best")
+        self.best = self.initial_value_threshold if best is None else best
 
 
 class TensorBoard(Callback):

@@ -15,10 +15,19 @@ checked by every restore (:meth:`Checkpoints.restore` and :func:`restore_params`
 checkpoint that does not restore or fails the check (a truncated, garbled or edited file) is
 reported with a warning and moved aside to ``<dir>.corrupt/``:
 :meth:`Checkpoints.restore_latest` falls back to the previous intact one.
+
+A save that fails because the disk is full or the folder is not writable raises one
+:class:`~flaxconv.workdir.WorkdirWriteError` naming the checkpoint, from that save or (for
+an asynchronous one) from the next save, :meth:`Checkpoints.wait` or :meth:`Checkpoints.close`;
+its unfinished temporary folder is removed, and the checkpoints already committed stay.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import gc
+import glob
 import hashlib
 import json
 import logging
@@ -35,8 +44,31 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flaxconv.state import TrainState
+from flaxconv.workdir import WorkdirWriteError, write_error
 
 log = logging.getLogger(__name__)
+
+
+class _DropReportedWriteErrors(logging.Filter):
+    """Drops the log records of an Orbax save that failed for want of space or permission:
+    each of its writer threads logs a traceback (hundreds of lines), and asyncio logs the
+    futures it abandoned, while the error reaches the caller once, as a
+    ``WorkdirWriteError`` naming the checkpoint (:meth:`Checkpoints.wait`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.exc_info or record.exc_info[1] is None:
+            return True
+        if record.name == "asyncio":
+            if not _write_error_reported or "never retrieved" not in record.getMessage():
+                return True
+        elif f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        return write_error("", record.exc_info[1]) is None
+
+
+_write_error_reported = False  # a WorkdirWriteError of a save was raised in this process
+for _logger in ("absl", "asyncio"):  # Orbax logs through absl
+    logging.getLogger(_logger).addFilter(_DropReportedWriteErrors())
 
 
 def state_arrays(state: TrainState) -> dict[str, Any]:
@@ -54,8 +86,19 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+# What a checkpoint takes on disk besides its arrays' bytes: Orbax's metadata files and
+# their file-system blocks (about 50 kB measured for a small state), with a margin.
+_SAVE_OVERHEAD = 64 * 1024
+
+
 class CorruptCheckpointError(ValueError):
     """A checkpoint whose files do not restore or do not match their checksum."""
+
+
+class WeightsOnlyCheckpointError(ValueError):
+    """A weights-only checkpoint (``ModelCheckpoint(save_weights_only=True)``: no optimizer
+    state) restored into a template that has one. The checkpoint is intact: it is left in
+    place, never moved aside as corrupt."""
 
 
 _ARRAY = "__array__"  # marks where an array of ``meta`` was taken out to the ``arrays`` item
@@ -213,6 +256,8 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta", "arrays")
         )
+        self.asynchronous = asynchronous
+        self._pending: int | None = None  # the epoch of a save that may still be running
 
     def save(
         self,
@@ -236,7 +281,18 @@ class Checkpoints:
         items = dict(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
         if arrays:
             items["arrays"] = ocp.args.StandardSave({str(i): a for i, a in enumerate(arrays)})
-        return self.manager.save(epoch, args=ocp.args.Composite(**items), metrics=metrics)
+        self.wait()  # Orbax's save waits for the previous one too; its error names that one
+        self._pending = epoch
+        if epoch not in self.manager.all_steps():
+            self._check_space(epoch, [*jax.tree.leaves(tree), *arrays])
+        try:
+            saved = self.manager.save(epoch, args=ocp.args.Composite(**items), metrics=metrics)
+        except Exception as error:
+            self._raise_write_error(error)
+            raise
+        if not self.asynchronous:
+            self._pending = None
+        return saved
 
     def epochs(self) -> list[int]:
         """The epochs that have a complete checkpoint, oldest first."""
@@ -254,6 +310,11 @@ class Checkpoints:
         """
         meta = self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = dict(meta["meta"] or {})
+        if meta.get("weights_only") and jax.tree.leaves(template.opt_state):
+            raise WeightsOnlyCheckpointError(
+                f"checkpoint {self.directory}/{epoch} holds weights only (no optimizer "
+                f"state); restore it with flaxconv.checkpoint.restore_params(directory, "
+                f"state), or into a template whose opt_state is None")
         targets: dict[str, np.ndarray] = {}
         _array_targets(meta, targets)
         items = dict(state=ocp.args.StandardRestore(_abstract(state_arrays(template))))
@@ -276,6 +337,8 @@ class Checkpoints:
         for epoch in reversed(self.epochs()):
             try:
                 return self.restore(epoch, template)
+            except WeightsOnlyCheckpointError:
+                raise
             except Exception as error:  # noqa: BLE001 - any failure means "not intact"
                 moved = self._move_aside(epoch)
                 reason = (str(error).strip().splitlines() or [""])[0][:300]
@@ -297,12 +360,66 @@ class Checkpoints:
         return target
 
     def wait(self) -> None:
-        """Blocks until asynchronous saves are on disk."""
-        self.manager.wait_until_finished()
+        """Blocks until asynchronous saves are on disk.
+
+        Raises:
+          WorkdirWriteError: the disk filled up or the folder is not writable (naming the
+            checkpoint); other errors of Orbax's as they are.
+        """
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            self._raise_write_error(error)
+            raise
+        self._pending = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for pending saves (raising their error, see :meth:`wait`), then closes."""
+        try:
+            self.wait()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the save's error is the one to report
+                self.manager.close()
+            raise
         self.manager.close()
+
+    def _check_space(self, epoch: int, arrays: list[Any]) -> None:
+        """Refuses a save that cannot fit on the disk before Orbax starts it: its writer
+        threads, failing part-way, leave a trail of tracebacks and abandoned futures.
+
+        Raises:
+          WorkdirWriteError: ENOSPC, naming the checkpoint, the bytes it needs (its arrays,
+            uncompressed, and :data:`_SAVE_OVERHEAD`) and the bytes free.
+        """
+        needed = sum(int(getattr(a, "nbytes", 0)) for a in arrays) + _SAVE_OVERHEAD
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            self._pending = None
+            raise WorkdirWriteError(
+                errno.ENOSPC,
+                f"no space left on device (it needs about {needed / 1e6:.2f} MB, "
+                f"{free / 1e6:.2f} MB are free)",
+                os.path.join(self.directory, str(epoch)),
+            )
+
+    def _raise_write_error(self, error: Exception) -> None:
+        """Raises ``error`` of the save in flight as a ``WorkdirWriteError`` naming its
+        checkpoint, once its temporary folders are gone, when it is a full disk or a folder
+        not writable; returns otherwise."""
+        failed = write_error(os.path.join(self.directory, str(self._pending)), error)
+        if failed is None:
+            return
+        self._pending = None
+        # Orbax removes them at the next start too; this run holds the workdir's lock, and
+        # nothing is writing (the failed save has ended), so they go now.
+        for tmp in glob.glob(os.path.join(glob.escape(self.directory), "*.orbax-checkpoint-tmp*")):
+            shutil.rmtree(tmp, ignore_errors=True)
+        global _write_error_reported
+        _write_error_reported = True
+        # The failed save's abandoned coroutines, closed now rather than at interpreter exit
+        # (where they print tracebacks of their own).
+        gc.collect()
+        raise failed from error
 
 
 def save_state(directory: str | os.PathLike, state: TrainState, meta: dict | None = None) -> None:

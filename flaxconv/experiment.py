@@ -1,8 +1,9 @@
 """``train_and_evaluate``: the whole experiment behind ``experiments/*.py`` and the notebook.
 
 Load a dataset, build a model and optimizer from a config, ``fit``, evaluate on the full
-test set, and write ``results.json``, the Orbax checkpoint, ``history.{json,csv}`` and
-``curves.png`` into the workdir. :func:`cli` runs it from the command line and turns the
+test set, and write ``results.json``, the Orbax checkpoint, ``history.{json,csv}``,
+``curves.png``, the saved model ``saved_model/`` and the serving export ``model.exported``
+into the workdir. :func:`cli` runs it from the command line and turns the
 errors a user can cause into one readable line.
 """
 
@@ -12,6 +13,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,10 +22,13 @@ import ml_collections
 import numpy as np
 
 import flaxconv as fc
-from flaxconv import data, parallel, viz
+from flaxconv import data, parallel, preemption, viz
 from flaxconv import metrics as metrics_lib
+from flaxconv.data.checks import check_images
+from flaxconv.export import ExportError
 from flaxconv.fit import IncompatibleWorkdirError, NonFiniteLossError, fit
-from flaxconv.workdir import WorkdirLockedError, claim_workdir, write_json
+from flaxconv.saved_model import SavedModelError
+from flaxconv.workdir import WorkdirLockedError, WorkdirWriteError, claim_workdir, write_json
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -98,12 +103,50 @@ def train_and_evaluate(
     schedule; default ``fc.optim.make(config.optimizer, config.learning_rate)``), and
     ``callbacks`` for ``fit``.
     """
+    check_flags(config)
     parallel.initialize()  # a multi-process run when JAX_COORDINATOR_ADDRESS etc. are set
     # What needs no data is checked before the (possibly long) dataset preparation; the
     # workdir is ours (locked) from here until results.json and the plots are written, and
     # is removed again if it was new and nothing got written into it.
     with claim_workdir(config.workdir):
         return _train_and_evaluate(config, datasets, model, tx, callbacks)
+
+
+#: Seeds a run takes: with JAX's default 32-bit types a key keeps a seed's low 32 bits, so
+#: a larger seed would silently repeat a smaller one's run.
+SEED_RANGE = range(2**32)
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` as an int in :data:`SEED_RANGE`.
+
+    Raises:
+      ValueError: naming ``name``, the value and the range.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or (
+        int(seed) not in SEED_RANGE
+    ):
+        raise ValueError(
+            f"{name}={seed!r}; expected an integer from 0 to {SEED_RANGE.stop - 1} (JAX keeps "
+            f"a seed's low 32 bits, so a larger one would repeat a smaller one's run)"
+        )
+    return int(seed)
+
+
+def check_flags(config: ml_collections.ConfigDict) -> None:
+    """Refuses the config values that would otherwise fail late with a traceback or be
+    silently misread: the seed and ``train_examples`` (checked before any data loads).
+
+    Raises:
+      ValueError: naming the key, the value and what was expected.
+    """
+    check_seed(config.get("seed", 0))
+    examples = config.get("train_examples", 0)
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+        raise ValueError(
+            f"train_examples={examples!r}; expected 0 (the whole training split) or a "
+            f"positive number of examples"
+        )
 
 
 def _train_and_evaluate(config, datasets, model, tx, callbacks) -> dict[str, Any]:
@@ -113,6 +156,7 @@ def _train_and_evaluate(config, datasets, model, tx, callbacks) -> dict[str, Any
         datasets = load_datasets(config)
     train = datasets.train
     test_images, test_labels = datasets.test
+    check_images(test_images, "test images")  # before training, not after
     if model is None:
         model = fc.models.get(config.model, num_classes=datasets.num_classes, dtype=config.dtype)
     sample = next(iter(train(0)))["image"][:1] if callable(train) else train[0][:1]
@@ -163,7 +207,37 @@ def _train_and_evaluate(config, datasets, model, tx, callbacks) -> dict[str, Any
         images = test_images[: config.feature_maps]
         viz.feature_maps(state, images, os.path.join(config.workdir, "feature_maps.png"))
         viz.filters(state, os.path.join(config.workdir, "filters.png"))
+    save_for_serving(state, config.workdir, class_names=datasets.class_names,
+                     input_dtype="uint8" if sample.dtype == np.uint8 else "float32",
+                     verbose=config.verbose != "silent")
     return results
+
+
+def save_for_serving(state: Any, workdir: str, *, class_names: Any = None,
+                     input_dtype: str = "uint8", verbose: bool = True) -> None:
+    """Writes ``<workdir>/saved_model/`` (:func:`flaxconv.save_model`, with the class names)
+    and ``<workdir>/model.exported`` (:func:`flaxconv.export` for cpu, cuda and tpu).
+
+    A model that cannot be recorded or exported (an NNX module built with arguments other
+    than its defaults, a model that needs a fixed batch size) gets a warning naming why, not
+    an error: results.json and the checkpoints are written by then, and a failed end would
+    make rerunning the command fail again.
+    """
+    try:
+        fc.save_model(state, os.path.join(workdir, "saved_model"), class_names=class_names,
+                      input_dtype=input_dtype)
+    except SavedModelError as error:
+        warnings.warn(f"no saved_model: {error}", RuntimeWarning, stacklevel=2)
+    if jax.process_index() != 0:  # every process holds the same parameters
+        return
+    path = os.path.join(workdir, "model.exported")
+    try:
+        fc.export(state, path, input_dtype=input_dtype)
+    except ExportError as error:
+        warnings.warn(f"no model.exported: {error}", RuntimeWarning, stacklevel=2)
+        return
+    if verbose:
+        print(f"saved {os.path.join(workdir, 'saved_model')} and {path}", flush=True)
 
 
 # Flags that a resumed run may change: they do not alter the training.
@@ -195,6 +269,7 @@ USER_ERRORS = (
     IncompatibleWorkdirError,
     NonFiniteLossError,
     WorkdirLockedError,
+    WorkdirWriteError,
     ValueError,
     TypeError,
     FileNotFoundError,
@@ -214,9 +289,12 @@ def cli(
 
 def report_errors(run: Callable[[], Any]) -> int:
     """Runs ``run()``; returns the exit status: 0, or 1 after printing a user error as one
-    line on stderr (no traceback; set FLAXCONV_DEBUG=1 for one), 130 on Ctrl-C."""
+    line on stderr (no traceback; set FLAXCONV_DEBUG=1 for one), 130 on Ctrl-C, 143 when
+    SIGTERM preempted the run (its line is printed; :mod:`flaxconv.preemption`)."""
     try:
         run()
+    except preemption.Preempted as stop:
+        return stop.code
     except USER_ERRORS as error:
         if os.environ.get("FLAXCONV_DEBUG"):
             raise

@@ -22,6 +22,8 @@ moment and resumed ends with the same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import csv
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -32,20 +34,25 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flaxconv import epochs as ep
 from flaxconv import metrics as metrics_lib
-from flaxconv import optim, parallel
+from flaxconv import optim, parallel, preemption
 from flaxconv.callbacks import Callback
 from flaxconv.checkpoint import Checkpoints
+from flaxconv.data.checks import check_images, warn_one_class
 from flaxconv.metrics import check_labels, num_classes
 from flaxconv.state import TrainState
 from flaxconv.steps import explain_kernels, train_step_fn
 from flaxconv.workdir import (  # noqa: F401 - re-exported: fc.fit's names of one release
     LOCK_FILE,
+    IncompatibleWorkdirError,
     WorkdirLock,
     WorkdirLockedError,
+    _one_line,
+    check_config,
     claim_workdir,
     lock_workdir,
     make_workdir,
@@ -53,14 +60,83 @@ from flaxconv.workdir import (  # noqa: F401 - re-exported: fc.fit's names of on
     write_json,
 )
 
-History = dict[str, list[float]]
 ArrayData = tuple[Any, Any]
+
+
+class History(dict):
+    """What :func:`fit` returns: a dict of per-epoch lists (``history["loss"][-1]``, JSON as
+    is), which is also Keras's ``History`` object: ``history.history["val_loss"]``,
+    ``history.epoch`` and ``history.params`` work as they do on ``model.fit``'s result.
+    """
+
+    #: Keras's ``History.params``: ``{"verbose", "epochs", "steps"}`` of the fit call.
+    params: dict[str, Any]
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.params = {}
+
+    @property
+    def history(self) -> History:
+        """Keras's ``History.history``: the dict of per-epoch lists (this object itself)."""
+        return self
+
+    @property
+    def epoch(self) -> list[int]:
+        """Keras's ``History.epoch``: the indices (from 0) of the epochs in the lists. A
+        resumed run's history holds the earlier epochs too, so this is ``0 .. n - 1``."""
+        return list(range(max((len(v) for v in self.values()), default=0)))
 
 # Data-order keys live in their own fold_in domain, apart from the per-step keys.
 _DATA_ORDER_DOMAIN = 0x7FFFFFFF
 
 # The public train_step's function, donating the state the loop no longer needs.
 _train_step_donated = jax.jit(train_step_fn, donate_argnums=0)
+
+
+def _gather(images, labels, weights, idx, mask):
+    """The batch of example indices ``idx``, with their ``"weight"`` when ``weights``."""
+    batch = ep.gather_batch(images, labels, idx, mask)
+    if weights is not None:
+        batch["weight"] = weights[idx]
+    return batch
+
+
+def _train_steps_fn(state, images, labels, weights, indices, mask, lo, hi):
+    """Steps ``lo`` to ``hi - 1`` of an epoch plan in one ``lax.fori_loop``; pure.
+
+    :func:`flaxconv.epochs.train_epoch_fn` on ``indices[lo:hi]``, but with ``lo`` and
+    ``hi`` traced, so an epoch cut at any steps (a callback's ``batch_interval``) runs one
+    compiled loop, and with per-example ``weights`` (float32 ``[N]`` or None) as each
+    batch's ``"weight"``. Returns the state and per-step metric sums, each ``[S]`` (zero
+    outside ``lo .. hi - 1``).
+    """
+
+    def body(i, carry):
+        state, sums = carry
+        state, step_sums = train_step_fn(state, _gather(images, labels, weights, indices[i],
+                                                        mask[i]))
+        return state, jax.tree.map(lambda a, x: a.at[i].set(x), sums, step_sums)
+
+    shapes = jax.eval_shape(
+        lambda s: train_step_fn(s, _gather(images, labels, weights, indices[0], mask[0]))[1],
+        state,
+    )
+    sums = jax.tree.map(lambda x: jnp.zeros((indices.shape[0], *x.shape), x.dtype), shapes)
+    return jax.lax.fori_loop(lo, hi, body, (state, sums))
+
+
+_train_steps = jax.jit(_train_steps_fn, donate_argnums=0)
+
+
+def _class_weighted_step_fn(state, batch, class_weights):
+    """:func:`flaxconv.steps.train_step_fn` with example ``i`` weighted by
+    ``class_weights[label_i]`` (float32 ``[C]``): Keras's ``class_weight``; pure."""
+    weight = jnp.take(class_weights, jnp.asarray(batch["label"]), mode="clip")
+    return train_step_fn(state, {**batch, "weight": weight})
+
+
+_class_weighted_step = jax.jit(_class_weighted_step_fn, donate_argnums=0)
 
 __all__ = [
     "History",
@@ -91,10 +167,6 @@ class NonFiniteLossError(FloatingPointError):
         )
 
 
-class IncompatibleWorkdirError(ValueError):
-    """The workdir holds a run whose configuration differs from this one."""
-
-
 def data_order_key(state: TrainState, epoch: int) -> jax.Array:
     """The permutation key of ``epoch``: a function of the state's rng and the epoch only."""
     base = jax.random.fold_in(jax.random.wrap_key_data(state.rng), _DATA_ORDER_DOMAIN)
@@ -110,17 +182,62 @@ def _as_arrays(data: ArrayData, what: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _split(data: ArrayData, fraction: float) -> tuple[ArrayData, ArrayData]:
-    """Keras's validation_split: the last ``fraction`` of the (unshuffled) data."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"validation_split={fraction}; expected a fraction in (0, 1)")
-    images, labels = data
-    cut = len(labels) - int(round(len(labels) * fraction))
-    if cut == 0 or cut == len(labels):
+def _weighted_arrays(data: Any, what: str) -> tuple[Any, Any, np.ndarray | None]:
+    """``(images, labels)`` or Keras's ``(images, labels, sample_weight)`` as
+    ``(images, labels, float32 weights or None)``, checked."""
+    if isinstance(data, tuple | list) and len(data) == 3:
+        images, labels = _as_arrays(data[:2], what)
+        if data[2] is None:
+            return images, labels, None
+        weights = metrics_lib.check_sample_weight(data[2], len(labels), f"{what}[2] (weights)")
+        return images, labels, weights
+    return (*_as_arrays(data, what), None)
+
+
+def _split(arrays: tuple[Any, ...], fraction: float) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Keras's validation_split: every array of ``arrays`` (None stays None) cut at
+    ``floor(N * (1 - fraction))`` into the first and the last part, unshuffled, with
+    Keras's own expression (``keras...array_slicing.train_validation_split``)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float | np.floating) or not (
+        0.0 < fraction < 1.0
+    ):
+        raise ValueError(f"validation_split={fraction!r}; expected a fraction in (0, 1)")
+    n = len(arrays[1])
+    cut = int(math.floor(n * (1.0 - fraction)))
+    if cut == 0 or cut == n:
         raise ValueError(
-            f"validation_split={fraction} of {len(labels)} examples leaves an empty split"
+            f"validation_split={fraction} of {n} examples leaves an empty split "
+            f"({cut} for training)"
         )
-    return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
+    return (tuple(None if a is None else a[:cut] for a in arrays),
+            tuple(None if a is None else a[cut:] for a in arrays))
+
+
+def _class_weight_vector(class_weight: Any, classes: int) -> np.ndarray:
+    """Keras's ``class_weight`` (a dict class id -> weight; absent classes weigh 1.0) as
+    float32 ``[classes]``: example ``i`` weighs ``vector[labels[i]]``, multiplying its loss.
+    Unlike Keras, a key outside ``[0, classes)`` or a weight that is negative or not
+    finite is an error naming it (Keras ignores the one and trains on the other)."""
+    if not isinstance(class_weight, dict):
+        raise TypeError(
+            f"class_weight is a {type(class_weight).__name__}; expected a dict class id -> weight"
+        )
+    vector = np.ones(classes, np.float32)
+    for key, value in class_weight.items():
+        if isinstance(key, bool) or not isinstance(key, int | np.integer) or not (
+            0 <= key < classes
+        ):
+            raise ValueError(
+                f"class_weight has the key {key!r}; expected class ids in [0, {classes})"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not (
+            np.isfinite(value) and value >= 0
+        ):
+            raise ValueError(
+                f"class_weight[{key}]={value!r}; expected a finite number >= 0"
+            )
+        vector[int(key)] = value
+    return vector
 
 
 class _Progress:
@@ -175,27 +292,47 @@ def _first_non_finite(losses: np.ndarray) -> int | None:
     return int(bad[0]) if bad.size else None
 
 
-def _train_epoch_arrays(state, images, labels, plan, key, progress, chunks):
+def _train_epoch_arrays(state, images, labels, plan, key, progress, chunks, start=0,
+                        stop=None, weights=None, hooks=None):
     """One epoch on device-resident arrays in ``chunks`` scan calls (1 = fastest), or with
-    ``chunks=None`` one jitted step per batch (see :func:`_scan_chunks`)."""
+    ``chunks=None`` one jitted step per batch (see :func:`_scan_chunks`), from step
+    ``start`` (a resumed epoch) on; returns the state, the per-step sums and whether the
+    epoch is complete. With ``stop`` (a flag, see :mod:`flaxconv.preemption`) at most one
+    call runs ahead of the host, and the epoch ends early after the call in flight once
+    ``stop()`` is true. ``weights`` (float32 ``[N]``) weight the examples' losses; the
+    epoch is also cut after the steps where ``hooks`` (a :class:`_BatchHooks`) are due,
+    which then run; both take :func:`_train_steps` (traced bounds: no recompilation)."""
     indices = plan.indices(key)
-    per_step = []
     if chunks is None:
-        for i in range(plan.steps):
-            batch = ep.gather_batch(images, labels, indices[i], plan.mask[i])
-            state, sums = _train_step_donated(state, batch)
-            per_step.append(jax.tree.map(lambda x: x[None], sums))
-            progress.advance(1)
-        chunks = 0
-    bounds = np.linspace(0, plan.steps, chunks + 1).round().astype(int)
+        bounds = np.arange(plan.steps + 1)
+    else:
+        bounds = np.linspace(0, plan.steps, chunks + 1).round().astype(int)
+    cuts = hooks.cuts(start, plan.steps) if hooks else []
+    # the calls of an uninterrupted run, and the hooks' steps
+    bounds = np.unique([start, *bounds[bounds > start], *cuts])
+    per_step, done = [], start
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        if hi == lo:
-            continue
-        state, sums = ep.train_epoch(state, images, labels, indices[lo:hi], plan.mask[lo:hi])
+        if chunks is None:
+            batch = _gather(images, labels, weights, indices[lo], plan.mask[lo])
+            state, sums = _train_step_donated(state, batch)
+            sums = jax.tree.map(lambda x: x[None], sums)
+        elif weights is None and not cuts:  # the plain epoch: the library's own scan
+            state, sums = ep.train_epoch(state, images, labels, indices[lo:hi], plan.mask[lo:hi])
+        else:
+            state, sums = _train_steps(state, images, labels, weights, indices, plan.mask,
+                                       int(lo), int(hi))
+            sums = jax.tree.map(lambda x, lo=lo, hi=hi: x[lo:hi], sums)
+        if stop is not None and per_step:
+            jax.block_until_ready(per_step[-1])  # the flag is seen within a call or two
         per_step.append(sums)
         progress.advance(int(hi - lo))
+        done = int(hi)
+        if done in cuts:
+            state = hooks(state, done, per_step)
+        if stop is not None and done < plan.steps and stop():
+            break
     sums = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *per_step)
-    return state, sums
+    return state, sums, done == plan.steps
 
 
 def _scan_chunks(state: TrainState, plan: ep.EpochPlan, verbose: str) -> int | None:
@@ -211,21 +348,104 @@ def _scan_chunks(state: TrainState, plan: ep.EpochPlan, verbose: str) -> int | N
     return 20 if verbose == "bar" else 1
 
 
-def _train_epoch_stream(state, batches: Iterable[dict], progress, classes: int):
+def _train_epoch_stream(state, batches: Iterable[dict], progress, classes: int, stop=None,
+                        class_weights=None, hooks=None, start=0):
+    """One epoch of streamed batches; returns the state, the per-step sums and whether the
+    epoch is complete: with ``stop``, it ends early, at most one step after ``stop()``
+    became true, unless no batch is left (one batch is read ahead to know). With
+    ``class_weights`` (float32 ``[C]``) each example is weighted by its class; ``hooks``
+    run after the steps where they are due (``start``: the steps done before these)."""
     per_step = []
-    for batch in batches:
+    batches = iter(batches)
+    batch = next(batches, None)
+    while batch is not None:
         labels = batch.get("label") if isinstance(batch, dict) else None
         if isinstance(labels, np.ndarray):  # host batches: checked for free, before the step
             mask = batch.get("mask")
             check_labels(labels if mask is None else labels[np.asarray(mask, bool)], classes,
                          "training labels")
-        state, sums = _train_step_donated(state, batch)
+        if class_weights is None:
+            state, sums = _train_step_donated(state, batch)
+        elif isinstance(batch, dict) and "weight" in batch:
+            raise ValueError(
+                "class_weight with batches that carry a 'weight': Keras refuses class_weight "
+                "and sample_weight together; fold the class weights into the batches' weights"
+            )
+        else:
+            state, sums = _class_weighted_step(state, batch, class_weights)
+        if stop is not None and per_step:
+            jax.block_until_ready(per_step[-1])  # the flag is seen within a step or two
         per_step.append(sums)
         progress.advance(1)
+        if hooks:
+            state = hooks(state, start + len(per_step), per_step)
+        batch = next(batches, None)
+        if batch is not None and stop is not None and stop():
+            break
     if not per_step:
         raise ValueError("train_data produced no batch in this epoch")
     sums = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_step)
-    return state, sums
+    return state, sums, batch is None
+
+
+class _BatchHooks:
+    """The callbacks with a ``batch_interval`` (see :mod:`flaxconv.callbacks`): after which
+    steps of an epoch they run, and their calls with the epoch's running logs."""
+
+    def __init__(self, callbacks: Sequence[Callback]):
+        self.callbacks = []
+        for callback in callbacks:
+            interval = getattr(callback, "batch_interval", None)
+            if interval is None:
+                continue
+            if isinstance(interval, bool) or not isinstance(interval, int | np.integer) or (
+                interval < 1
+            ):
+                raise ValueError(
+                    f"{type(callback).__name__}.batch_interval={interval!r}; expected a "
+                    f"positive integer number of steps or None"
+                )
+            self.callbacks.append(callback)
+        self.begin_epoch(0, 0)
+
+    def __bool__(self) -> bool:
+        return bool(self.callbacks)
+
+    def begin_epoch(self, epoch: int, first_step: int, prior: Any = None) -> None:
+        """An epoch whose step 0 is global step ``first_step + 1``; ``prior``: the per-step
+        sums of its steps already done (a preempted epoch's first part), or None."""
+        self.epoch, self.first_step, self.prior = epoch, first_step, prior
+
+    def _due(self, done: int) -> list[Callback]:
+        step = self.first_step + done
+        return [c for c in self.callbacks if step % int(c.batch_interval) == 0]
+
+    def cuts(self, start: int, steps: int) -> list[int]:
+        """The step counts in ``(start, steps]`` after which some callback is due."""
+        return [done for done in range(start + 1, steps + 1) if self._due(done)]
+
+    def __call__(self, state: TrainState, done: int, per_step: list[Any]) -> TrainState:
+        """Runs the callbacks due after ``done`` steps of the epoch (``per_step``: the sums
+        of this call's steps, in order) and returns the state they leave."""
+        due = self._due(done)
+        if not due:
+            return state
+        parts = [] if self.prior is None else [self.prior]
+        parts += per_step
+        sums = jax.tree.map(
+            lambda *xs: np.concatenate([np.atleast_1d(np.asarray(x)) for x in xs]), *parts
+        )
+        losses = sums["loss_sum"] / np.maximum(sums["count"], 1)
+        bad = _first_non_finite(losses)
+        if bad is not None:  # before any callback sees (or saves) the state
+            raise NonFiniteLossError(self.first_step + bad + 1, float(losses[bad]), self.epoch)
+        count = max(float(np.sum(sums["count"])), 1.0)
+        logs = {"loss": float(np.sum(sums["loss_sum"])) / count,
+                "accuracy": float(np.sum(sums["correct"])) / count}
+        for callback in due:
+            new_state = callback.on_train_batch_end(done - 1, dict(logs), state)
+            state = state if new_state is None else new_state
+        return state
 
 
 def _write_history(workdir: str, history: History) -> None:
@@ -257,35 +477,6 @@ def _append(history: History, logs: dict[str, float]) -> None:
         history.setdefault(key, [math.nan] * epochs)
     for key, values in history.items():
         values.append(float(logs.get(key, math.nan)))
-
-
-def _one_line(value: Any, limit: int = 80) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _check_config(workdir: str, config: dict[str, Any]) -> None:
-    """Refuses a workdir that holds a run of another configuration; records ours."""
-    path = os.path.join(workdir, "config.json")
-    config = json.loads(json.dumps(config, default=str))
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        changed = sorted(
-            (k for k in set(previous) | set(config) if previous.get(k) != config.get(k)),
-            key=lambda k: (k.startswith("_"), k),  # the caller's keys first
-        )
-        if changed:
-            details = "; ".join(
-                f"{k.lstrip('_')}: {_one_line(previous.get(k))} -> {_one_line(config.get(k))}"
-                for k in changed
-            )
-            raise IncompatibleWorkdirError(
-                f"workdir {workdir} holds a run with another configuration ({details}); "
-                f"use another workdir or delete this one"
-            )
-        return
-    write_json(path, config)
 
 
 def run_config(state: TrainState, config: dict[str, Any] | None) -> dict[str, Any]:
@@ -330,6 +521,8 @@ def fit(
     batch_size: int = 64,
     validation_data: ArrayData | None = None,
     validation_split: float | None = None,
+    sample_weight: Any = None,
+    class_weight: dict[int, float] | None = None,
     callbacks: Sequence[Callback] = (),
     workdir: str | os.PathLike | None = None,
     verbose: str | int = "auto",
@@ -347,8 +540,19 @@ def fit(
         (streaming; then give ``steps_per_epoch`` for the progress bar).
       epochs: total epochs; a resumed run continues up to this number.
       batch_size: for array data; the last partial batch is padded and masked.
-      validation_data: ``(images, labels)`` evaluated after every epoch (``val_*`` logs).
-      validation_split: Keras's: hold out the last fraction of array ``train_data``.
+      validation_data: ``(images, labels)`` or ``(images, labels, sample_weight)``,
+        evaluated after every epoch (``val_*`` logs; weights weight ``val_loss`` only, as
+        Keras's ``metrics=``).
+      validation_split: Keras's: hold out the last fraction of array ``train_data`` (and
+        of ``sample_weight``), training on the first ``floor(N * (1 - fraction))``
+        examples. Ignored when ``validation_data`` is given, as in Keras.
+      sample_weight: float ``[N]`` per example of array ``train_data``, finite and >= 0
+        (Keras's): each example's loss is multiplied by it, and the batch loss is Keras's
+        ``sum_over_batch_size``, ``sum(w * loss) / batch size``. Streamed batches carry a
+        ``"weight"`` instead (see :mod:`flaxconv.steps`).
+      class_weight: Keras's ``{class id: weight}`` (absent classes weigh 1.0): example
+        ``i``'s loss is multiplied by ``class_weight[label_i]``; training only, not
+        validation. Not together with ``sample_weight`` (Keras refuses that too).
       callbacks: objects following :mod:`flaxconv.callbacks`.
       workdir: where ``checkpoints/``, ``config.json``, ``history.json``, ``history.csv``
         and ``curves.png`` go; a workdir with checkpoints is resumed.
@@ -361,15 +565,21 @@ def fit(
       steps_per_epoch: the progress bar's length for streaming data.
 
     Returns:
-      The trained state and the history: a dict of per-epoch lists ``loss``, ``accuracy``,
-      ``val_loss``, ``val_accuracy`` (with validation), ``val_<metric>``, ``lr`` and
-      ``epoch_seconds``. A resumed run returns the whole history, earlier epochs included.
+      The trained state and the :class:`History`: a dict of per-epoch lists ``loss``,
+      ``accuracy``, ``val_loss``, ``val_accuracy`` (with validation), ``val_<metric>``,
+      ``lr`` and ``epoch_seconds``, with Keras's ``.history``, ``.epoch`` and ``.params``.
+      A resumed run returns the whole history, earlier epochs included.
 
     Raises:
       NonFiniteLossError: a NaN/inf loss, naming the step; the last checkpoint stays.
-      IncompatibleWorkdirError: ``workdir`` holds another configuration's run.
+      IncompatibleWorkdirError: ``workdir`` holds another configuration's run, or
+        checkpoints without a readable ``config.json``.
       WorkdirLockedError: another run is using ``workdir`` (see :func:`lock_workdir`).
-      ValueError: labels outside the model's classes, bad arguments.
+      WorkdirWriteError: a file or checkpoint cannot be written (disk full, read-only),
+        naming it; what was saved before stays.
+      flaxconv.preemption.Preempted: SIGTERM (with a ``workdir``): stopped at the next
+        step boundary and saved; a ``SystemExit`` with status 143. The same call resumes.
+      ValueError: labels outside the model's classes, NaN or infinite pixels, bad arguments.
     """
     verbose = _resolve_verbose(verbose)
     if not isinstance(epochs, int) or epochs < 0:
@@ -384,28 +594,55 @@ def fit(
     streaming = callable(train_data)
     if streaming and validation_split:
         raise ValueError("validation_split needs array train_data; pass validation_data instead")
+    if streaming and sample_weight is not None:
+        raise ValueError("sample_weight needs array train_data; give each streamed batch a "
+                         "'weight' instead")
+    if sample_weight is not None and class_weight is not None:
+        raise ValueError("class_weight and sample_weight together: Keras refuses them too; "
+                         "fold the class weights into sample_weight")
+    class_weights = None if class_weight is None else _class_weight_vector(class_weight, classes)
+    weights, val_weights = None, None
     if not streaming:
         train_data = _as_arrays(train_data, "train_data")
-        if validation_split:
-            train_data, validation_data = _split(train_data, validation_split)
+        if sample_weight is not None:
+            weights = metrics_lib.check_sample_weight(sample_weight, len(train_data[1]))
+        if validation_split and validation_data is None:
+            (*train_data, weights), validation_data = _split((*train_data, weights),
+                                                             validation_split)
         check_labels(train_data[1], classes, "training labels")
+        check_images(train_data[0], "training images")  # NaN pixels, unscaled floats
+        warn_one_class(train_data[1])
+        if class_weights is not None:
+            weights = class_weights[np.asarray(train_data[1])]
         # Data parallel: state and data replicated over the devices of the state's mesh
         # (all devices by default), each step's batch split over them (flaxconv.parallel).
         state, images, labels, plan = parallel.place_for_fit(state, *train_data, batch_size)
+        if weights is not None:
+            weights = parallel.replicate(weights, parallel.mesh_of(state.params))
         steps_per_epoch = plan.steps
     if validation_data is not None:
-        validation_data = _as_arrays(validation_data, "validation_data")
+        *validation_data, val_weights = _weighted_arrays(validation_data, "validation_data")
         check_labels(validation_data[1], classes, "validation labels")
+        check_images(validation_data[0], "validation images")
+    hooks = _BatchHooks(callbacks)
+    # A resumed run must weigh its examples as the first one did.
+    if class_weight is not None:
+        config = {**(config or {}), "class_weight": class_weights.tolist()}
+    if sample_weight is not None:
+        digest = hashlib.sha256(np.asarray(sample_weight, np.float32).tobytes()).hexdigest()
+        config = {**(config or {}), "sample_weight_sha256": digest}
 
-    history: History = {}
+    history = History()
     start_epoch, stopped = 0, False
     checkpoints = None
     lock = None
+    partial = None  # a preempted epoch's first part (flaxconv.preemption)
+    stop = None  # set by SIGTERM: stop at the next step boundary, saved
     try:
         if workdir is not None:
             workdir = make_workdir(workdir)
             lock = lock_workdir(workdir)  # another run in it would delete our checkpoints
-            _check_config(workdir, run_config(state, {"batch_size": batch_size, **(config or {})}))
+            check_config(workdir, run_config(state, {"batch_size": batch_size, **(config or {})}))
             checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=2)
             had_checkpoints = bool(checkpoints.epochs())
             restored = checkpoints.restore_latest(state)
@@ -413,7 +650,7 @@ def fit(
                 state, meta = restored
                 start_epoch = int(meta["epoch"]) + 1
                 stopped = bool(meta.get("stopped", False))
-                history = {k: list(v) for k, v in meta.get("history", {}).items()}
+                history = History({k: list(v) for k, v in meta.get("history", {}).items()})
                 _load_callback_states(callbacks, meta.get("callbacks", []))
                 if verbose != "silent":
                     if stopped:
@@ -430,6 +667,13 @@ def fit(
                     RuntimeWarning,
                     stacklevel=2,
                 )
+            partial = None if stopped else preemption.load_partial(workdir, state, start_epoch)
+            if partial is not None:
+                state = partial.state
+                if verbose != "silent":
+                    print(f"Resuming from {partial.path} (epoch {start_epoch + 1}: "
+                          f"{partial.steps} steps done)", flush=True)
+            stop = preemption.watch_sigterm()
 
         for callback in callbacks:
             if hasattr(callback, "on_train_begin"):
@@ -439,26 +683,46 @@ def fit(
         last = start_epoch if stopped else epochs  # a stopped run stays stopped
         for epoch in range(start_epoch, last):
             progress.begin(epoch)
-            first_step = int(state.step)
+            for callback in callbacks:
+                if hasattr(callback, "on_epoch_begin"):
+                    new_state = callback.on_epoch_begin(epoch, state)
+                    state = state if new_state is None else new_state
+            done = partial.steps if partial is not None and partial.epoch == epoch else 0
+            progress.advance(done)
+            first_step = int(state.step) - done
+            hooks.begin_epoch(epoch, first_step, partial.sums if done else None)
             start = time.perf_counter()
             if streaming:
-                state, sums = _train_epoch_stream(state, train_data(epoch), progress, classes)
+                batches = itertools.islice(train_data(epoch), done, None)  # Keras-like skip
+                state, sums, complete = _train_epoch_stream(
+                    state, batches, progress, classes, stop, class_weights, hooks, done
+                )
             else:
                 key = data_order_key(state, epoch)
-                state, sums = _train_epoch_arrays(
-                    state, images, labels, plan, key, progress, chunks
+                state, sums, complete = _train_epoch_arrays(
+                    state, images, labels, plan, key, progress, chunks, done, stop, weights,
+                    hooks,
                 )
             seconds = time.perf_counter() - start
+            if done:
+                sums = jax.tree.map(lambda a, b: np.concatenate([a, b]), partial.sums, sums)
+                seconds += partial.seconds
             losses = sums["loss_sum"] / np.maximum(sums["count"], 1)
             bad = _first_non_finite(losses)
             if bad is not None:
                 raise NonFiniteLossError(first_step + bad + 1, float(losses[bad]), epoch)
+            if not complete:  # stopped for a preemption: save the steps done, exit
+                raise preemption.preempt(
+                    workdir, state, epoch=epoch, epochs=epochs, steps=len(losses), sums=sums,
+                    seconds=seconds, reason=stop.reason,
+                )
             total = jax.tree.map(np.sum, sums)
             count = max(float(total["count"]), 1.0)
             logs = {"loss": total["loss_sum"] / count, "accuracy": total["correct"] / count}
             if validation_data is not None:
                 val = metrics_lib.evaluate(
-                    state, *validation_data, val_spec.names, batch_size=eval_batch_size
+                    state, *validation_data, val_spec.names, batch_size=eval_batch_size,
+                    sample_weight=val_weights, weighted_metrics=False,
                 )
                 logs.update({f"val_{k}": val[k] for k in val_spec.names})
             logs = {k: float(v) for k, v in logs.items()}
@@ -479,8 +743,17 @@ def fit(
                 }
                 checkpoints.save(epoch, state, meta)
                 _write_history(workdir, history)
+                if done:  # the preempted part is in this epoch's checkpoint now
+                    checkpoints.wait()
+                    preemption.drop_partial(workdir)
             if stopped:
                 break
+            if stop is not None and stop() and epoch + 1 < last:
+                checkpoints.wait()  # the message says it is saved
+                raise preemption.preempt(
+                    workdir, state, epoch=epoch, epochs=epochs, steps=len(losses), sums=None,
+                    seconds=seconds, reason=stop.reason,
+                )
         for callback in callbacks:
             if hasattr(callback, "on_train_end"):
                 new_state = callback.on_train_end(state)
@@ -496,8 +769,11 @@ def fit(
             if checkpoints is not None:
                 checkpoints.close()
         finally:
+            if stop is not None:
+                stop.close()
             if lock is not None:
                 lock.release()  # after the saves: the next run may start in this workdir
+    history.params = {"verbose": verbose, "epochs": epochs, "steps": steps_per_epoch}
     return state, history
 
 

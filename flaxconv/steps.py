@@ -4,7 +4,8 @@ A batch is a dict::
 
     {"image": uint8 or float[B, H, W, C],   # uint8 is scaled to [0, 1] on device
      "label": int[B],
-     "mask":  bool[B]}                      # optional; False rows (padding) count nowhere
+     "mask":  bool[B],                      # optional; False rows (padding) count nowhere
+     "weight": float[B]}                    # optional; Keras's sample_weight (see loss_fn)
 
 Metrics come back as sums over the batch, so dataset-level numbers are exact sums over
 batches (see :func:`summarize`):
@@ -89,6 +90,25 @@ def check_batch(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array, 
     return prepare_images(images), labels.astype(jnp.int32), mask.astype(jnp.float32)
 
 
+def batch_weight(batch: Batch) -> jax.Array | None:
+    """``batch["weight"]`` (Keras's ``sample_weight``) as float32 ``[B]``, or None when the
+    batch has none. Checked at trace time: shape ``[B]``, a real dtype. Its values are not
+    checked here (they may be traced); :func:`flaxconv.fit` checks host arrays."""
+    weight = batch.get("weight")
+    if weight is None:
+        return None
+    n = np.shape(batch["image"])[0]
+    dtype = jnp.dtype(weight.dtype if hasattr(weight, "dtype") else np.asarray(weight).dtype)
+    if tuple(np.shape(weight)) != (n,) or not (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"batch['weight'] is {dtype}{list(np.shape(weight))}; expected a real number per "
+            f"example, shape [{n}]"
+        )
+    return jnp.asarray(weight).astype(jnp.float32)
+
+
 def apply_model(state: TrainState, variables: Any, images: jax.Array, *, train: bool,
                 rngs: dict[str, jax.Array] | None = None, **apply_kwargs: Any) -> Any:
     """``state.model.apply(variables, images, train=train, rngs=rngs, **apply_kwargs)``
@@ -148,13 +168,16 @@ def example_losses(logits: jax.Array, labels: jax.Array, mask: jax.Array
 
 
 def batch_metrics(logits: jax.Array, labels: jax.Array, losses: jax.Array, mask: jax.Array,
-                  invalid: jax.Array | None = None):
-    """Summable metrics of one batch: masked loss sum, correct count, example count, and
-    the count of unmasked examples whose label is out of range."""
+                  invalid: jax.Array | None = None, weight: jax.Array | None = None):
+    """Summable metrics of one batch: masked loss sum (weighted by ``weight`` when given),
+    correct count, example count, and the count of unmasked examples whose label is out of
+    range. ``loss_sum / count`` is then Keras's ``sum_over_batch_size`` loss; the correct
+    count is not weighted, as Keras's ``metrics=`` (not ``weighted_metrics=``)."""
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     invalid = jnp.zeros_like(mask) if invalid is None else invalid.astype(jnp.float32)
+    weighted = mask if weight is None else mask * weight
     return {
-        "loss_sum": jnp.sum(jnp.where(mask > 0, losses, 0.0) * mask),
+        "loss_sum": jnp.sum(jnp.where(mask > 0, losses, 0.0) * weighted),
         "correct": jnp.sum(correct * mask),
         "count": jnp.sum(mask),
         "invalid_labels": jnp.sum(invalid),
@@ -162,9 +185,15 @@ def batch_metrics(logits: jax.Array, labels: jax.Array, losses: jax.Array, mask:
 
 
 def loss_fn(
-    params: Any, state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array
+    params: Any, state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array,
+    weight: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[Metrics, Any]]:
-    """Mean softmax cross-entropy over the unmasked examples, in training mode.
+    """Softmax cross-entropy over the unmasked examples, in training mode.
+
+    Without ``weight`` the mean over the valid examples (unmasked, label in range). With a
+    float32 ``[B]`` ``weight`` (Keras's ``sample_weight``; ``class_weight`` becomes one),
+    Keras's ``sum_over_batch_size`` reduction: ``sum(weight * loss) / valid count`` (not
+    divided by the sum of the weights, so weights of 0.5 halve the loss and the gradient).
 
     Returns ``(loss, (metric sums, new batch_stats))``; differentiable in ``params``.
     """
@@ -174,10 +203,13 @@ def loss_fn(
     logits, updates = out if mutable else (out, {})
     logits = logits.astype(jnp.float32)
     losses, invalid = example_losses(logits, labels, mask)
-    # The update is the mean over the valid examples; the metrics keep the NaN loss.
-    weight = mask * (1.0 - invalid)
-    loss = jnp.sum(jnp.where(invalid, 0.0, losses) * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-    metrics = batch_metrics(logits, labels, losses, mask, invalid)
+    # The update is over the valid examples; the metrics keep the NaN loss. As Keras's
+    # masks, padding changes the divisor to the valid count, never the weights.
+    valid = mask * (1.0 - invalid)
+    weighted = valid if weight is None else valid * weight
+    loss = (jnp.sum(jnp.where(invalid, 0.0, losses) * weighted)
+            / jnp.maximum(jnp.sum(valid), 1.0))
+    metrics = batch_metrics(logits, labels, losses, mask, invalid, weight)
     return loss, (metrics, updates.get("batch_stats", state.batch_stats))
 
 
@@ -185,7 +217,7 @@ def train_step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]
     """One optimizer update on ``batch``; pure (see :data:`train_step`)."""
     images, labels, mask = check_batch(state, batch)
     grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
-        state.params, state, images, labels, mask
+        state.params, state, images, labels, mask, batch_weight(batch)
     )
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(
@@ -202,12 +234,13 @@ def eval_step_fn(state: TrainState, batch: Batch) -> Metrics:
 
     Returns ``loss_sum``, ``correct``, ``count``, ``invalid_labels`` (float32 scalars) and
     ``confusion`` (float32 ``[num_classes, num_classes]``, rows = true class, columns =
-    predicted; an out-of-range label has no row, and counts in ``invalid_labels``).
+    predicted; an out-of-range label has no row, and counts in ``invalid_labels``). A
+    ``"weight"`` in the batch weights ``loss_sum`` only, as in :func:`train_step_fn`.
     """
     images, labels, mask = check_batch(state, batch)
     logits = apply_model(state, state.variables(), images, train=False).astype(jnp.float32)
     losses, invalid = example_losses(logits, labels, mask)
-    metrics = batch_metrics(logits, labels, losses, mask, invalid)
+    metrics = batch_metrics(logits, labels, losses, mask, invalid, batch_weight(batch))
     num_classes = logits.shape[-1]
     onehot_true = jax.nn.one_hot(labels, num_classes) * mask[:, None]
     onehot_pred = jax.nn.one_hot(jnp.argmax(logits, -1), num_classes)

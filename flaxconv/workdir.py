@@ -3,15 +3,19 @@
 A run (``fc.fit``, ``train_and_evaluate``, the experiments) claims its workdir with
 :func:`claim_workdir` or :func:`lock_workdir`, so a second run in the same folder is refused
 instead of deleting the first one's checkpoints in flight; every file it writes goes
-through :func:`replace_file`, so a kill never leaves half a file.
+through :func:`replace_file`, so a kill never leaves half a file, and a write that fails for
+want of space or permission stops the run with one :class:`WorkdirWriteError`.
+:func:`check_config` keeps a workdir to one configuration.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,27 +25,101 @@ import jax
 
 __all__ = [
     "LOCK_FILE",
+    "IncompatibleWorkdirError",
     "WorkdirLock",
     "WorkdirLockedError",
+    "WorkdirWriteError",
+    "check_config",
     "claim_workdir",
     "lock_workdir",
     "make_workdir",
     "replace_file",
+    "write_error",
     "write_json",
 ]
+
+# Why a write can fail that the user, not the code, must fix: errno -> what they are told.
+_CANNOT_WRITE = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+}
+# How Orbax/TensorStore errors (ValueError texts) carry the OS error.
+_ERRNO_IN_TEXT = re.compile(r"os_error_code='(\d+)'|\[Errno (\d+)\]")
+_STRERROR = {os.strerror(code).lower(): code for code in _CANNOT_WRITE}
+
+
+class WorkdirWriteError(OSError):
+    """A file of a run could not be written: the disk is full, the workdir is read-only, ...
+
+    ``errno``, ``strerror`` and ``filename`` (the file or checkpoint that was being
+    written) are those of an ``OSError``; ``str()`` is one line that names the path and the
+    reason and says what to do.
+    """
+
+    def __str__(self) -> str:
+        if self.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free some space"
+        else:
+            fix = "make it writable or use another workdir"
+        return (
+            f"cannot write {self.filename}: {self.strerror}; {fix}, then run the same "
+            f"command again to resume from the last checkpoint"
+        )
+
+
+def write_error(path: str | os.PathLike, error: BaseException) -> WorkdirWriteError | None:
+    """The :class:`WorkdirWriteError` for ``error`` raised while writing ``path``, or None
+    when ``error`` is not a full disk, a read-only file system or a permission denied.
+
+    Recognizes an ``OSError``'s ``errno`` and the OS error that Orbax and TensorStore put in
+    their messages (``os_error_code='28'``, ``No space left on device``), along the chain of
+    causes.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, WorkdirWriteError):
+            return error
+        code = getattr(error, "errno", None) if isinstance(error, OSError) else None
+        if code not in _CANNOT_WRITE:
+            text = str(error)
+            match = _ERRNO_IN_TEXT.search(text)
+            code = int(match.group(1) or match.group(2)) if match else None
+            if code not in _CANNOT_WRITE:
+                code = next((c for s, c in _STRERROR.items() if s in text.lower()), None)
+        if code in _CANNOT_WRITE:
+            return WorkdirWriteError(code, _CANNOT_WRITE[code], os.fspath(path))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def replace_file(path: str, write: Callable[[str], Any]) -> None:
     """Writes ``path`` through a temporary file, so a kill never leaves half a file.
 
+    ``write(tmp)`` writes the content to the file ``tmp``, which then replaces ``path``. If
+    that fails, the temporary file is removed and ``path`` keeps its previous content.
     Only process 0 writes: in a multi-host run every process holds the same numbers.
+
+    Raises:
+      WorkdirWriteError: the disk is full or the folder is not writable (naming ``path``).
+      Any other exception of ``write``.
     """
     if jax.process_index() != 0:
         return
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{ext}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        failed = write_error(path, error) if isinstance(error, Exception) else None
+        if failed is not None:
+            raise failed from error
+        raise
 
 
 def make_workdir(workdir: str | os.PathLike) -> str:
@@ -123,7 +201,8 @@ def lock_workdir(workdir: str | os.PathLike) -> WorkdirLock:
 
     Raises:
       WorkdirLockedError: another run holds it, naming its PID.
-      ValueError: the lock file cannot be created (naming it and the reason).
+      WorkdirWriteError: the workdir is read-only or its disk full (naming the lock file).
+      ValueError: the lock file cannot be created for another reason (naming it and why).
       A file system that cannot lock gets a ``RuntimeWarning`` and no lock.
     """
     if jax.process_index() != 0:
@@ -146,6 +225,9 @@ def lock_workdir(workdir: str | os.PathLike) -> WorkdirLock:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
+            failed = write_error(path, error)  # a read-only workdir, a full disk
+            if failed is not None:
+                raise failed from error
             raise ValueError(
                 f"cannot create the lock file {path} of workdir {os.fspath(workdir)}: "
                 f"{error.strerror or error}"
@@ -205,3 +287,82 @@ def write_json(path: str, obj: Any) -> None:
             json.dump(obj, f, indent=1)
 
     replace_file(path, write)
+
+
+class IncompatibleWorkdirError(ValueError):
+    """The workdir holds a run whose configuration differs from this one, or whose
+    configuration cannot be read (:func:`check_config`)."""
+
+
+#: Folders of a workdir that hold a run's saved state (``fit``'s epoch checkpoints and the
+#: checkpoint of a preempted epoch).
+SAVED_STATE_DIRS = ("checkpoints", "preempted")
+
+
+def _one_line(value: Any, limit: int = 80) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _holds_checkpoints(workdir: str) -> str | None:
+    """The first folder of :data:`SAVED_STATE_DIRS` in ``workdir`` that holds a
+    checkpoint (an entry named by a number), or None."""
+    for name in SAVED_STATE_DIRS:
+        folder = os.path.join(workdir, name)
+        with contextlib.suppress(OSError):
+            if any(entry.isdigit() for entry in os.listdir(folder)):
+                return folder
+    return None
+
+
+def check_config(workdir: str, config: dict[str, Any]) -> None:
+    """Refuses ``workdir`` when it holds a run of another configuration; a new run's
+    ``config`` is written to ``<workdir>/config.json``.
+
+    Args:
+      workdir: an existing directory, locked by this run.
+      config: JSON-able settings (others go through ``str``) that a resumed run must share;
+        keys starting with ``_`` are the library's and are listed after the caller's.
+
+    Raises:
+      IncompatibleWorkdirError: ``config.json`` holds other values (naming each key with
+        both values); it is unreadable; or it is missing while the workdir holds
+        checkpoints, so that nothing tells which configuration they belong to.
+      WorkdirWriteError: ``config.json`` cannot be written.
+    """
+    path = os.path.join(workdir, "config.json")
+    config = json.loads(json.dumps(config, default=str))
+    if not os.path.exists(path):
+        saved = _holds_checkpoints(workdir)
+        if saved is not None:
+            raise IncompatibleWorkdirError(
+                f"workdir {workdir} holds checkpoints ({saved}) but no config.json, so this "
+                f"run cannot tell whether they are of its configuration; put config.json "
+                f"back, or use another workdir (or delete {saved} to start over)"
+            )
+        write_json(path, config)
+        return
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+        if not isinstance(previous, dict):
+            raise ValueError(f"a JSON {type(previous).__name__}, not an object")
+    except (OSError, ValueError) as error:
+        raise IncompatibleWorkdirError(
+            f"{path} is unreadable ({_one_line(error)}); it records the configuration of "
+            f"the run in {workdir}: put it back, or use another workdir (or delete this one "
+            f"to start over)"
+        ) from error
+    changed = sorted(
+        (k for k in set(previous) | set(config) if previous.get(k) != config.get(k)),
+        key=lambda k: (k.startswith("_"), k),  # the caller's keys first
+    )
+    if changed:
+        details = "; ".join(
+            f"{k.lstrip('_')}: {_one_line(previous.get(k))} -> {_one_line(config.get(k))}"
+            for k in changed
+        )
+        raise IncompatibleWorkdirError(
+            f"workdir {workdir} holds a run with another configuration ({details}); "
+            f"use another workdir or delete this one"
+        )

@@ -1,8 +1,11 @@
 """Keras's callbacks on fit's protocol: stopping, best weights, checkpoints, learning-rate
-plateaus, TensorBoard scalars, and their state carried across a resume."""
+plateaus, TensorBoard scalars, and their state carried across a resume; ModelCheckpoint's
+Keras options against Keras itself."""
 
 import functools
 import glob
+import logging
+import os
 import struct
 
 import chex
@@ -160,6 +163,124 @@ def test_model_checkpoint_every_epoch_into_the_workdir(tmp_path):
     chex.assert_trees_all_equal(state.params, params_after(3))
     with pytest.raises(ValueError, match="needs a directory"):
         fit([ModelCheckpoint()], 1)
+
+
+def keras_fit(keras, tmp_path, callbacks, epochs, n=10, batch_size=2):
+    """A tiny Keras model fitted with ``callbacks``."""
+    images, labels = dataset(n)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(CLASSES)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(images / 255.0, labels, batch_size=batch_size, epochs=epochs, verbose=0,
+              callbacks=callbacks)
+
+
+def saved_metas(directory, weights_only=True):
+    """{checkpoint number: its metadata} of a ModelCheckpoint directory."""
+    checkpoints = Checkpoints(directory, max_to_keep=None)
+    try:
+        template = new_state().replace(opt_state=None) if weights_only else new_state()
+        return {n: checkpoints.restore(n, template)[1] for n in checkpoints.epochs()}
+    finally:
+        checkpoints.close()
+
+
+def test_model_checkpoint_initial_value_threshold_saves_the_epochs_keras_saves(tmp_path):
+    keras = pytest.importorskip("keras")
+    scores = [0.3, 0.5, 0.45, 0.6, 0.2]
+
+    class KerasScript(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["score"] = scores[epoch]
+
+    options = dict(monitor="score", mode="max", save_best_only=True, save_weights_only=True,
+                   initial_value_threshold=0.4)
+    keras_saver = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "keras" / "epoch{epoch}.weights.h5"), **options)
+    keras_fit(keras, tmp_path, [KerasScript(), keras_saver], len(scores))
+    keras_epochs = sorted(int(name[5:-11]) for name in os.listdir(tmp_path / "keras"))
+    fit([Script(scores), ModelCheckpoint(tmp_path / "ours", max_to_keep=None, **options)],
+        len(scores))
+    ours = sorted(meta["epoch"] + 1 for meta in saved_metas(tmp_path / "ours").values())
+    assert ours == keras_epochs == [2, 4]  # 0.3 is below the threshold, 0.45 below 0.5
+
+
+def test_model_checkpoint_save_freq_saves_the_steps_keras_saves(tmp_path):
+    keras = pytest.importorskip("keras")
+    # 10 examples in batches of 2: 5 steps an epoch; a save every 3 steps, across epochs.
+    keras_saver = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "keras" / "e{epoch}-b{batch}.weights.h5"), save_freq=3,
+        save_weights_only=True)
+    keras_fit(keras, tmp_path, [keras_saver], 3)
+    saver = ModelCheckpoint(tmp_path / "ours", save_freq=3, max_to_keep=None)
+    state, _ = fc.fit(new_state(), dataset(10), 3, batch_size=2, callbacks=[saver],
+                      verbose="silent")
+    metas = saved_metas(tmp_path / "ours", weights_only=False)
+    ours = {f"e{m['epoch'] + 1}-b{m['batch'] + 1}.weights.h5" for m in metas.values()}
+    assert ours == set(os.listdir(tmp_path / "keras"))
+    assert sorted(metas) == [3, 6, 9, 12, 15]  # named by the global step
+    # The cut epochs train exactly as whole ones; step 15 is the end of training.
+    plain, _ = fc.fit(new_state(), dataset(10), 3, batch_size=2, verbose="silent")
+    chex.assert_trees_all_close(state.params, plain.params, rtol=1e-6, atol=1e-7)
+    last, _ = load_state(tmp_path / "ours", new_state())
+    chex.assert_trees_all_equal(last.params, state.params)
+
+
+def test_step_saves_of_the_best_loss_and_no_recompilation(tmp_path, caplog):
+    fc.fit(new_state(), dataset(10), 2, batch_size=2, verbose="silent",
+           callbacks=[ModelCheckpoint(tmp_path / "warm", save_freq=3)])
+    # Other cuts of the same epochs (here a first piece of 4 steps, unseen before) reuse
+    # the compiled loop: the cut steps are traced, not static.
+    saver = ModelCheckpoint(tmp_path / "best", monitor="loss", save_best_only=True,
+                            save_weights_only=True, save_freq=4, max_to_keep=None)
+    with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+        jax.jit(lambda probe: probe + 1)(1.0)  # a new function: the log shows compilations
+        fc.fit(new_state(), dataset(10), 4, batch_size=2, verbose="silent", callbacks=[saver])
+    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert any("<lambda>" in m for m in compiled), compiled
+    assert not [m for m in compiled if "train" in m], compiled
+    losses = [meta["logs"]["loss"] for _, meta in sorted(saved_metas(tmp_path / "best").items())]
+    assert len(losses) >= 2 and all(b < a for a, b in zip(losses, losses[1:], strict=False))
+
+
+def test_model_checkpoint_save_weights_only_leaves_out_the_optimizer_state(tmp_path):
+    state, _ = fit([ModelCheckpoint(tmp_path / "full", monitor="loss"),
+                    ModelCheckpoint(tmp_path / "weights", save_weights_only=True)], 2)
+    full, meta = load_state(tmp_path / "full", new_state())
+    chex.assert_trees_all_equal(full.opt_state, state.opt_state)
+    assert meta["weights_only"] is False
+    # Restoring with a template without optimizer state only works if none was saved.
+    weights, meta = load_state(tmp_path / "weights", new_state().replace(opt_state=None))
+    assert weights.opt_state is None and meta["weights_only"] is True
+    chex.assert_trees_all_equal(weights.params, state.params)
+    # Keras's load_weights: the variables into a state that keeps its own optimizer.
+    loaded = fc.checkpoint.restore_params(tmp_path / "weights", new_state())
+    chex.assert_trees_all_equal(loaded.params, state.params)
+    chex.assert_trees_all_equal(loaded.opt_state, new_state().opt_state)
+    # Into a full template: one clear error, and the checkpoint stays where it is.
+    with pytest.raises(fc.checkpoint.WeightsOnlyCheckpointError, match="holds weights only"):
+        load_state(tmp_path / "weights", new_state())
+    assert not os.path.exists(f"{tmp_path / 'weights'}.corrupt")
+    assert load_state(tmp_path / "weights", new_state().replace(opt_state=None))[0] is not None
+
+
+def test_model_checkpoint_refuses_bad_options():
+    for bad in ("batch", 0, -3, True, 2.5):
+        with pytest.raises(ValueError, match=rf"save_freq={bad!r}; expected 'epoch' or a "
+                                             r"positive integer"):
+            ModelCheckpoint("d", save_freq=bad)
+    with pytest.raises(ValueError, match=r"initial_value_threshold=nan; expected a finite"):
+        ModelCheckpoint("d", save_best_only=True, initial_value_threshold=float("nan"))
+    with pytest.raises(ValueError, match="only applies with save_best_only=True"):
+        ModelCheckpoint("d", initial_value_threshold=0.5)
+    with pytest.raises(ValueError, match="validation metrics exist only at epoch ends"):
+        ModelCheckpoint("d", monitor="val_loss", save_best_only=True, save_freq=10)
+
+    class EveryZeroSteps(Callback):
+        batch_interval = 0
+
+    with pytest.raises(ValueError, match=r"EveryZeroSteps.batch_interval=0; expected a positive"):
+        fit([EveryZeroSteps()], 1)
 
 
 def _scalars(directory):

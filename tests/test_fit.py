@@ -1,5 +1,6 @@
 """fit(): history and its files, curves, validation, verbosity, bad input, non-finite losses,
-incompatible and corrupt workdirs, streaming data, per-epoch validation metrics."""
+incompatible and corrupt workdirs, streaming data, per-epoch validation metrics, Keras's
+History, validation_split, sample_weight and class_weight (against Keras itself)."""
 
 import csv
 import functools
@@ -8,6 +9,7 @@ import json
 import os
 
 import chex
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ import flaxconv as fc
 from flaxconv import data
 from flaxconv.checkpoint import load_state
 from flaxconv.experiment import cli, default_config
-from flaxconv.fit import IncompatibleWorkdirError, NonFiniteLossError
+from flaxconv.fit import History, IncompatibleWorkdirError, NonFiniteLossError
 
 CLASSES = 4
 MODEL = fc.models.get("dense", num_classes=CLASSES, hidden=(16,))
@@ -110,8 +112,10 @@ def test_labels_outside_the_classes_are_rejected_before_training(tmp_path):
 def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     good, _ = fit(epochs=2, workdir=tmp_path)
     images, labels = dataset()
-    poisoned = np.full(images.shape, np.nan, np.float32)
-    with pytest.raises(NonFiniteLossError, match=r"became nan at step 13 \(epoch 3\)") as error:
+    # Finite pixels (NaN ones are refused before training) whose products overflow float32.
+    poisoned = np.full(images.shape, 3e38, np.float32)
+    with (pytest.warns(RuntimeWarning, match=r"expected floats in \[0, 1\]"),
+          pytest.raises(NonFiniteLossError, match=r"became nan at step 13 \(epoch 3\)") as error):
         fit(train=(poisoned, labels), epochs=3, workdir=tmp_path)
     assert error.value.step == 2 * 6 + 1 and error.value.epoch == 2
     restored, meta = load_state(tmp_path / "checkpoints", new_state())
@@ -236,5 +240,135 @@ def test_a_finished_run_run_again_returns_its_result(tmp_path, capsys):
     again, again_history = fit(epochs=2, workdir=tmp_path, verbose="epoch")
     assert "Resuming from" in capsys.readouterr().out
     assert again_history == history
+    assert isinstance(again_history, History) and again_history.epoch == [0, 1]
     chex.assert_trees_all_equal(again.params, state.params)
     assert int(again.step) == int(state.step) == 12
+
+
+def keras_dense(keras, kernel=None, bias=None):
+    """Keras's Flatten + Dense(CLASSES) on 8x8x1 images, logits out."""
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(CLASSES)])
+    if kernel is not None:
+        model.layers[-1].set_weights([kernel, bias])
+    return model
+
+
+def test_history_and_validation_split_are_keras_s():
+    keras = pytest.importorskip("keras")
+    images, labels = dataset(10)
+    state, history = fit(train=(images, labels), epochs=2, batch_size=1, validation_split=0.25)
+    model = keras_dense(keras)
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    theirs = model.fit(images / 255.0, labels, epochs=2, batch_size=1, validation_split=0.25,
+                       verbose=0)
+    # Keras trains on floor(10 * 0.75) = 7 examples: 7 steps of one example per epoch.
+    assert theirs.params["steps"] == history.params["steps"] == 7 and int(state.step) == 14
+    assert history.params["epochs"] == theirs.params["epochs"] == 2
+    assert history.epoch == theirs.epoch == [0, 1]
+    assert set(theirs.history) <= set(history.history)
+    assert all(len(history.history[k]) == len(v) for k, v in theirs.history.items())
+    # Still the plain dict that code written for fc.fit uses.
+    assert history.history["val_loss"] is history["val_loss"]
+    assert isinstance(history, dict) and json.loads(json.dumps(history)) == history
+
+
+@pytest.mark.parametrize("n, fraction", [(10, 0.25), (10, 0.7), (7, 0.5), (96, 0.1), (5, 0.3),
+                                         (2, 0.9)])
+def test_validation_split_sizes_follow_keras_rule(n, fraction):
+    slicing = pytest.importorskip("keras.src.trainers.data_adapters.array_slicing")
+    images, labels = dataset(n)
+    try:
+        train, _ = slicing.train_validation_split((images, labels), fraction)
+    except ValueError:  # Keras refuses an empty split: so do we
+        with pytest.raises(ValueError, match=f"validation_split={fraction} of {n} examples"):
+            fit(train=(images, labels), epochs=0, validation_split=fraction)
+        return
+    # epochs=0 trains nothing but plans the epoch: one step per example at batch size 1.
+    _, history = fit(train=(images, labels), epochs=0, batch_size=1, validation_split=fraction)
+    assert history.params["steps"] == len(train[1])
+
+
+class KerasDense(nn.Module):
+    """The Flatten + Dense of :func:`keras_dense` as a flax module."""
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        return nn.Dense(CLASSES)(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("option", ["class_weight", "sample_weight"])
+def test_weighted_loss_and_update_match_keras(option):
+    keras = pytest.importorskip("keras")
+    images, labels = dataset(12, seed=2)
+    value = {"class_weight": {0: 2.0, 2: 0.25, 3: 0.0},
+             "sample_weight": np.linspace(0.1, 1.9, 12).astype(np.float32)}[option]
+    state = fc.create_train_state(jax.random.key(0), KerasDense(), fc.optim.make("sgd", 0.5),
+                                  images[:1])
+    dense = state.params["Dense_0"]
+    model = keras_dense(keras, np.asarray(dense["kernel"]), np.asarray(dense["bias"]))
+    model.compile(keras.optimizers.SGD(0.5),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    theirs = model.fit(images.astype(np.float32) / 255, labels, batch_size=12, epochs=1,
+                       shuffle=False, verbose=0, **{option: value})
+    # One step on the whole batch: the loss before it and the update itself.
+    state, history = fit(state, (images, labels), epochs=1, batch_size=12, **{option: value})
+    assert history["loss"][0] == pytest.approx(theirs.history["loss"][0], rel=1e-5)
+    np.testing.assert_allclose(state.params["Dense_0"]["kernel"], model.layers[-1].kernel.numpy(),
+                               atol=1e-6)
+    np.testing.assert_allclose(state.params["Dense_0"]["bias"], model.layers[-1].bias.numpy(),
+                               atol=1e-6)
+
+
+def test_class_weight_on_streamed_batches_weighs_each_example_by_its_class():
+    images, labels = dataset()
+    class_weight = {1: 3.0, 2: 0.5}
+    per_class = np.array([1.0, 3.0, 0.5, 1.0], np.float32)
+
+    def batches(epoch):
+        return data.batches(images, labels, BATCH, shuffle=True, seed=1, epoch=epoch)
+
+    def weighted(epoch):
+        return ({**b, "weight": per_class[b["label"]]} for b in batches(epoch))
+
+    by_class, _ = fit(train=batches, epochs=1, class_weight=class_weight)
+    by_weight, _ = fit(train=weighted, epochs=1)
+    plain, _ = fit(train=batches, epochs=1)
+    chex.assert_trees_all_close(by_class.params, by_weight.params, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(by_class.params["head"]["bias"], plain.params["head"]["bias"])
+    with pytest.raises(ValueError, match="class_weight with batches that carry a 'weight'"):
+        fit(train=weighted, class_weight=class_weight)
+
+
+def test_validation_sample_weights_weight_val_loss_only():
+    images, labels = dataset(40, seed=1)
+    weights = np.random.default_rng(0).uniform(0, 2, 40).astype(np.float32)
+    state, history = fit(epochs=1, validation_data=(images, labels, weights))
+    logits = np.asarray(fc.predict(state, images), np.float64)
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    losses = -log_p[np.arange(40), labels]
+    # Keras's sum_over_batch_size: sum(w * loss) / N, not / sum(w).
+    assert history["val_loss"][-1] == pytest.approx(np.sum(weights * losses) / 40, rel=1e-5)
+    assert history["val_loss"][-1] != pytest.approx(np.mean(losses), rel=1e-3)
+    # Keras's metrics= (not weighted_metrics=): the accuracy is not weighted.
+    assert history["val_accuracy"][-1] == np.mean(logits.argmax(1) == labels)
+
+
+def test_weight_options_refuse_bad_values():
+    n = len(dataset()[1])
+    with pytest.raises(ValueError, match=r"class_weight has the key 7; expected class ids in "
+                                         r"\[0, 4\)"):
+        fit(class_weight={7: 1.0})
+    with pytest.raises(ValueError, match=r"class_weight\[1\]=-1.0; expected a finite number >= 0"):
+        fit(class_weight={1: -1.0})
+    with pytest.raises(ValueError, match="class_weight and sample_weight together"):
+        fit(class_weight={1: 2.0}, sample_weight=np.ones(n))
+    with pytest.raises(ValueError, match=rf"sample_weight is float64\[3\]; .* shape \[{n}\]"):
+        fit(sample_weight=np.ones(3))
+    bad = np.ones(n)
+    bad[5] = np.nan
+    with pytest.raises(ValueError, match=r"not finite numbers >= 0, e.g. nan at index 5"):
+        fit(sample_weight=bad)
+    with pytest.raises(ValueError, match="sample_weight needs array train_data"):
+        fit(train=lambda epoch: [], sample_weight=np.ones(n))

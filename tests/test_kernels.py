@@ -39,7 +39,7 @@ def values_and_grads(fn, *args):
 # --------------------------------------------------------------------------- formulations
 
 
-@pytest.mark.parametrize("impl", ["im2col", "xla_nhwc"])
+@pytest.mark.parametrize("impl", ["im2col", "xla_nhwc", "winograd"])
 @pytest.mark.parametrize("padding", ["VALID", "SAME", ((2, 0), (1, 2))])
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
 @pytest.mark.parametrize("shape", [(4, 28, 28, 1), (3, 13, 13, 32), (2, 5, 5, 64)])

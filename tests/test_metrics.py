@@ -1,4 +1,5 @@
-"""flaxconv.metrics against plain numpy reference computations, and exact over batch splits."""
+"""flaxconv.metrics against plain numpy reference computations, and exact over batch splits;
+averages and sample weights against Keras itself."""
 
 import functools
 
@@ -176,3 +177,81 @@ def test_bad_names_and_labels_are_rejected():
     with pytest.raises(ValueError, match=r"outside \[0, 5\), e.g. 9"):
         metrics.evaluate(_state(), np.zeros((3, 6, 6, 1), np.uint8), np.array([0, 9, 1]))
     assert metrics.spec("accuracy, top_5,top_5").names == ("accuracy", "top_5")
+
+
+AVERAGED = ("precision", "recall", "f1", "precision_micro", "recall_micro", "f1_micro",
+            "precision_weighted", "recall_weighted", "f1_weighted", "f1_macro")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_averages_match_keras(weighted):
+    keras = pytest.importorskip("keras")
+    logits, labels = random_logits()
+    weight = np.random.default_rng(5).uniform(0, 2, len(labels)).astype(np.float32)
+    weight = weight if weighted else None
+    spec = metrics.spec(AVERAGED, average=None)
+    got = metrics.compute(stats(logits, labels, None, weight, spec=spec), spec)
+    y_true = np.eye(7, dtype=np.float32)[labels]
+    y_pred = np.eye(7, dtype=np.float32)[logits.argmax(1)]  # the argmax prediction
+
+    def keras_metric(metric, predictions=y_pred):
+        metric.update_state(y_true, predictions, sample_weight=weight)
+        return np.asarray(metric.result(), np.float64)
+
+    # F1: Keras's F1Score on the probabilities (threshold=None takes each row's argmax).
+    probs = np.asarray(jax.nn.softmax(logits))
+    for average in (None, "macro", "micro", "weighted"):
+        expected = keras_metric(keras.metrics.F1Score(average=average), probs)
+        name = "f1" if average is None else f"f1_{average}"
+        np.testing.assert_allclose(got[name], expected, rtol=1e-5, atol=1e-7)
+    # Precision and recall: Keras has them per class (class_id=) and pooled over all
+    # (class, example) pairs, which for one label per example is the micro average; the
+    # support-weighted mean is the textbook one (scikit-learn's average="weighted").
+    support = y_true.T @ (np.ones(len(labels)) if weight is None else weight)
+    for name, metric in (("precision", keras.metrics.Precision),
+                         ("recall", keras.metrics.Recall)):
+        per_class = np.array([keras_metric(metric(class_id=c)) for c in range(7)])
+        np.testing.assert_allclose(got[name], per_class, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got[f"{name}_micro"], keras_metric(metric()), rtol=1e-5)
+        np.testing.assert_allclose(got[f"{name}_weighted"],
+                                   np.sum(per_class * support) / np.sum(support), rtol=1e-5)
+    # Every class occurs here, so the macro mean (over occurring classes) is Keras's too.
+    assert got["f1_macro"] == pytest.approx(np.mean(got["f1"]), rel=1e-12)
+
+
+def test_evaluate_with_sample_weight_matches_keras():
+    keras = pytest.importorskip("keras")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (53, 6, 6, 1), dtype=np.uint8)
+    labels = rng.integers(0, 5, 53).astype(np.int32)
+    weight = rng.uniform(0, 2, 53).astype(np.float32)
+    weight[:5] = 0.0
+    names = ("loss", "accuracy", "top_3", "confusion")
+    got = metrics.evaluate(_state(), images, labels, names, sample_weight=weight, batch_size=16)
+    logits = np.asarray(fc.predict(_state(), images))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    assert got["loss"] == pytest.approx(float(loss(labels, logits, sample_weight=weight)),
+                                        rel=1e-5)
+    for name, metric in (("accuracy", keras.metrics.SparseCategoricalAccuracy()),
+                         ("top_3", keras.metrics.SparseTopKCategoricalAccuracy(k=3))):
+        metric.update_state(labels, logits, sample_weight=weight)
+        assert got[name] == pytest.approx(float(metric.result()), rel=1e-5)
+    assert got["count"] == 53 and got["confusion"].sum() == pytest.approx(weight.sum(), rel=1e-6)
+    # weighted_metrics=False: Keras's metrics=, where only the loss is weighted.
+    loss_only = metrics.evaluate(_state(), images, labels, names, sample_weight=weight,
+                                 weighted_metrics=False, batch_size=16)
+    assert loss_only["loss"] == pytest.approx(got["loss"], rel=1e-6)
+    assert loss_only["accuracy"] == np.mean(logits.argmax(1) == labels)
+    np.testing.assert_array_equal(loss_only["confusion"], reference(logits, labels)["confusion"])
+
+
+def test_average_and_weight_errors_name_the_value():
+    with pytest.raises(ValueError, match=r"average='samples'; expected one of \['macro', "):
+        metrics.spec("f1", average="samples")
+    with pytest.raises(ValueError, match="unknown metric 'f1_samples'"):
+        metrics.spec("f1_samples")
+    images, labels = np.zeros((3, 6, 6, 1), np.uint8), np.array([0, 1, 2])
+    with pytest.raises(ValueError, match=r"not finite numbers >= 0, e.g. -1.0 at index 1"):
+        metrics.evaluate(_state(), images, labels, sample_weight=[1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match=r"sample_weight is float64\[2\]; .* shape \[3\]"):
+        metrics.evaluate(_state(), images, labels, sample_weight=np.ones(2))

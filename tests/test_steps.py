@@ -212,3 +212,34 @@ def test_out_of_range_labels_are_never_trained_on_silently():
     padded = {**batch, "mask": np.array([True, True, False, False])}
     metrics = fc.train_step(state, padded)[1]
     assert float(metrics["invalid_labels"]) == 0 and np.isfinite(float(metrics["loss_sum"]))
+
+
+def test_batch_weight_is_keras_sample_weight_and_keeps_padding_masked():
+    keras = pytest.importorskip("keras")
+    state = make_state("dense", optimizer="sgd")  # no dropout: training logits = predict's
+    batch = random_batch(16)
+    weight = np.random.default_rng(1).uniform(0, 2, 16).astype(np.float32)
+    # Three members, vmapped as populations run the step, each on the batch padded to 20
+    # rows (weight 5 on the padding, which must count nowhere): Keras-like fractional
+    # weights, weights 1, weights 0.5.
+    members = [weight, np.ones(16, np.float32), np.full(16, 0.5, np.float32)]
+    batches = {k: np.stack([np.concatenate([v, v[:4]])] * 3) for k, v in batch.items()}
+    batches["mask"] = np.stack([np.arange(20) < 16] * 3)
+    batches["weight"] = np.stack([np.concatenate([w, np.full(4, 5.0, np.float32)])
+                                  for w in members])
+    states = jax.tree.map(lambda x: jnp.stack([x] * 3), state)
+    new, sums = jax.vmap(fc.train_step, in_axes=(0, 0))(states, batches)
+    logits = np.asarray(fc.predict(state, batch["image"]))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    expected = loss(batch["label"], logits, sample_weight=weight)
+    assert float(sums["loss_sum"][0] / sums["count"][0]) == pytest.approx(float(expected),
+                                                                          rel=1e-5)
+    # The correct count stays unweighted (Keras's metrics=, not weighted_metrics=).
+    np.testing.assert_array_equal(sums["count"], 16)
+    np.testing.assert_array_equal(sums["correct"], np.sum(logits.argmax(1) == batch["label"]))
+    # sum_over_batch_size: weights of 0.5 halve the step (a weighted mean would not).
+    steps = jax.tree.map(lambda a, b: a - b[None], new.params, state.params)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[2], steps),
+                                jax.tree.map(lambda x: 0.5 * x[1], steps), atol=1e-7)
+    with pytest.raises(ValueError, match=r"batch\['weight'\] is float32\[3\]; expected .*\[16\]"):
+        fc.train_step(state, {**batch, "weight": np.ones(3, np.float32)})

@@ -15,6 +15,9 @@
 * ``"im2col"``: the ``kh*kw`` shifted (strided) views of the padded input concatenated on
   the channel axis, times the kernel reshaped to ``[kh*kw*C_in, C_out]``: one matmul
   forward and one per gradient, any stride. A 1x1 convolution is exactly one matmul.
+* ``"winograd"``: a 3x3 stride-1 convolution as Winograd's F(2x2, 3x3)
+  (:mod:`flaxconv.kernels.winograd`): 4/9 of the multiply-adds in each pass, as 16 matmuls
+  between additive transforms.
 
 All of them agree with ``lax.conv_general_dilated`` to float32 rounding, values and
 gradients; which one runs where is :mod:`flaxconv.kernels.policy`'s choice.
@@ -29,8 +32,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flaxconv.kernels.winograd import winograd_conv, winograd_conv_applies
+
 #: The formulations :func:`conv2d` accepts.
-CONV_FORMULATIONS = ("xla", "xla_nhwc", "im2col")
+CONV_FORMULATIONS = ("xla", "xla_nhwc", "im2col", "winograd")
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -110,7 +115,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
       strides: ``(sh, sw)``.
       padding: ``"VALID"``, ``"SAME"`` or ``((top, bottom), (left, right))``.
       formulation: one of :data:`CONV_FORMULATIONS`; ``"xla_nhwc"`` needs stride 1 and
-        padding narrower than the kernel, and runs as ``"im2col"`` otherwise.
+        padding narrower than the kernel, and runs as ``"im2col"`` otherwise; ``"winograd"``
+        needs what :func:`~flaxconv.kernels.winograd.winograd_conv_applies` says, and runs
+        as ``"xla_nhwc"`` (or ``"im2col"``) otherwise.
 
     Returns:
       ``[N, H_out, W_out, C_out]`` in the dtype of ``x``.
@@ -126,7 +133,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
             padding_amounts(padding, x.shape[2], kw, strides[1], axis=1))
     if formulation == "xla":
         return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=NHWC)
-    if formulation == "xla_nhwc" and nhwc_applies(kernel.shape, strides, pads):
+    if formulation == "winograd" and winograd_conv_applies(kernel.shape, strides, pads, x.dtype):
+        return winograd_conv(x, kernel, pads)
+    if formulation in ("xla_nhwc", "winograd") and nhwc_applies(kernel.shape, strides, pads):
         return conv_nhwc(x, kernel, pads)
     return conv_im2col(x, kernel, strides, pads)
 

@@ -35,6 +35,7 @@ import jaxlib
 
 from flaxconv.kernels.blocks import winograd_applies
 from flaxconv.kernels.conv import few_input_channels, nhwc_applies
+from flaxconv.kernels.winograd import winograd_conv_applies
 
 #: The names a policy goes by: ``"auto"`` picks per backend, ``"xla"`` opts out (XLA's
 #: own operations everywhere), ``"cpu"``/``"gpu"`` force a backend's table, and
@@ -80,19 +81,28 @@ class Policy:
         positions run as ``"xla_nhwc"``, the others as ``"im2col"``; None: all im2col.
       winograd: conv -> relu -> 2x2-pool blocks run as Winograd where it applies, and a
         first layer's convolution as its patches matmul (``"xla_nhwc"``'s few-channel case).
+      winograd_min_channels: lone 3x3 stride-1 float32 convolutions with at least this many
+        input channels run as ``"winograd"``; None: never.
     """
 
     name: str
     rewrite: bool = True
     nhwc_min_output: int | None = None
     winograd: bool = False
+    winograd_min_channels: int | None = None
 
     def conv(self, spec: ConvSpec) -> str:
-        """The formulation of a lone convolution: ``"xla_nhwc"`` or ``"im2col"``."""
+        """The formulation of a lone convolution: ``"winograd"``, ``"xla_nhwc"`` or
+        ``"im2col"``."""
         if not nhwc_applies(spec.kernel_shape, spec.strides, spec.padding):
             return "im2col"
         if few_input_channels(spec.kernel_shape) and self.winograd:
             return "xla_nhwc"
+        if (self.winograd_min_channels is not None
+                and spec.kernel_shape[2] >= self.winograd_min_channels
+                and winograd_conv_applies(spec.kernel_shape, spec.strides, spec.padding,
+                                          spec.dtype)):
+            return "winograd"
         positions = spec.output_size[0] * spec.output_size[1]
         if self.nhwc_min_output is not None and positions > self.nhwc_min_output:
             return "xla_nhwc"

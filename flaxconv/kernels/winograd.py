@@ -1,11 +1,13 @@
-"""Winograd's F(2x2, 3x3) (Lavin & Gray, 2016) for a conv -> relu -> 2x2 max-pool block.
+"""Winograd's F(2x2, 3x3) (Lavin & Gray, 2016): a conv -> relu -> 2x2 max-pool block, and a
+lone 3x3 stride-1 convolution.
 
 Each 2x2 tile of the convolution's output is made from its 4x4 input tile with 16 products
 per channel pair instead of 36: 16 matmuls ``[N*tiles, C_in] @ [C_in, C_out]`` between
 additive input, filter and output transforms. The forward pass, the input gradient and the
 kernel gradient each do 4/9 of the direct convolution's multiply-adds. The output transform
 yields the four positions of each tile separately, and those are exactly the 2x2 pool's
-windows, so the pool is a max over four arrays and the output map is never interleaved.
+windows, so the pool is a max over four arrays and the output map is never interleaved. A
+lone convolution interleaves them (one transpose each way).
 """
 
 from __future__ import annotations
@@ -90,6 +92,31 @@ def _winograd_filter_transform_transpose(du: list[list[jax.Array]]) -> jax.Array
     return jnp.stack([jnp.stack([_combine(g[j], rows[i]) for j in range(3)]) for i in range(3)])
 
 
+def _winograd_phases(x: jax.Array, kernel: jax.Array):
+    """The four output positions of every 2x2 tile, ``[4, N*T*S, C_out]`` (row-major within
+    the tile), for ``x`` ``[N, 2T + 2, 2S + 2, C_in]`` and a 3x3 ``kernel``; and the
+    transformed operands the gradients need."""
+    v = _winograd_input_transform(x)
+    u = _winograd_filter_transform(kernel)
+    m = [[v[a][b] @ u[a][b] for b in range(4)] for a in range(4)]
+    rows = [[_combine(_WINOGRAD_AT[p], [m[a][b] for a in range(4)]) for b in range(4)]
+            for p in range(2)]
+    phases = [_combine(_WINOGRAD_AT[q], rows[p]) for p in range(2) for q in range(2)]
+    return jnp.stack(phases), (v, u)
+
+
+def _winograd_phases_bwd(v, u, dphases: list[jax.Array], n: int, t: int, s: int):
+    """The gradients of ``x`` and ``kernel`` from those of the four phases, each
+    ``[N*T*S, C_out]``."""
+    at = _columns(_WINOGRAD_AT)
+    rows = [[_combine(at[b], dphases[2 * p : 2 * p + 2]) for b in range(4)] for p in range(2)]
+    dm = [[_combine(at[a], [rows[p][b] for p in range(2)]) for b in range(4)] for a in range(4)]
+    dv = [[dm[a][b] @ u[a][b].T for b in range(4)] for a in range(4)]
+    du = [[v[a][b].T @ dm[a][b] for b in range(4)] for a in range(4)]
+    dx = _winograd_input_transform_transpose(dv, n, t, s)
+    return dx, _winograd_filter_transform_transpose(du)
+
+
 @jax.custom_vjp
 def winograd_conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """``x`` ``[N, 2T + 2, 2S + 2, C_in]``, 3x3 ``kernel`` -> ``[N, T, S, C_out]``."""
@@ -98,14 +125,8 @@ def winograd_conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array) ->
 
 def _winograd_conv_relu_pool_fwd(x, kernel, bias):
     n, h, w, _ = x.shape
-    v = _winograd_input_transform(x)
-    u = _winograd_filter_transform(kernel)
-    m = [[v[a][b] @ u[a][b] for b in range(4)] for a in range(4)]
-    rows = [[_combine(_WINOGRAD_AT[p], [m[a][b] for a in range(4)]) for b in range(4)]
-            for p in range(2)]
-    # Output position (p, q) of every tile: the four positions of every pool window, in the
-    # row-major order of the window.
-    phases = jnp.stack([_combine(_WINOGRAD_AT[q], rows[p]) for p in range(2) for q in range(2)])
+    # The output transform yields each tile's positions apart: the pool's windows.
+    phases, (v, u) = _winograd_phases(x, kernel)
     y, position = first_max(phases + bias)
     y = jnp.maximum(y, 0).reshape(n, (h - 2) // 2, (w - 2) // 2, -1)
     return y, (v, u, y, position)
@@ -119,13 +140,65 @@ def _winograd_conv_relu_pool_bwd(residuals, dy):
     dbias = dy.sum((0, 1, 2))
     dy = dy.reshape(-1, c_out)
     dphases = [jnp.where(position == k, dy, jnp.zeros((), dy.dtype)) for k in range(4)]
-    at = _columns(_WINOGRAD_AT)
-    rows = [[_combine(at[b], dphases[2 * p : 2 * p + 2]) for b in range(4)] for p in range(2)]
-    dm = [[_combine(at[a], [rows[p][b] for p in range(2)]) for b in range(4)] for a in range(4)]
-    dv = [[dm[a][b] @ u[a][b].T for b in range(4)] for a in range(4)]
-    du = [[v[a][b].T @ dm[a][b] for b in range(4)] for a in range(4)]
-    dx = _winograd_input_transform_transpose(dv, n, t, s)
-    return dx, _winograd_filter_transform_transpose(du), dbias
+    dx, dkernel = _winograd_phases_bwd(v, u, dphases, n, t, s)
+    return dx, dkernel, dbias
 
 
 winograd_conv_relu_pool.defvjp(_winograd_conv_relu_pool_fwd, _winograd_conv_relu_pool_bwd)
+
+
+@jax.custom_vjp
+def _winograd_conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x`` ``[N, 2T + 2, 2S + 2, C_in]``, 3x3 ``kernel`` -> ``[N, 2T, 2S, C_out]``."""
+    return _winograd_conv_valid_fwd(x, kernel)[0]
+
+
+def _winograd_conv_valid_fwd(x, kernel):
+    n, h, w, _ = x.shape
+    t, s = (h - 2) // 2, (w - 2) // 2
+    phases, (v, u) = _winograd_phases(x, kernel)
+    # Interleave the phases: (p, q) of tile (i, j) is output pixel (2i + p, 2j + q).
+    y = phases.reshape(2, 2, n, t, s, -1).transpose(2, 3, 0, 4, 1, 5)
+    return y.reshape(n, 2 * t, 2 * s, -1), (v, u)
+
+
+def _winograd_conv_valid_bwd(residuals, dy):
+    v, u = residuals
+    n, h, w, c_out = dy.shape
+    t, s = h // 2, w // 2
+    tiles = dy.reshape(n, t, 2, s, 2, c_out)
+    dphases = [tiles[:, :, p, :, q].reshape(-1, c_out) for p in range(2) for q in range(2)]
+    return _winograd_phases_bwd(v, u, dphases, n, t, s)
+
+
+_winograd_conv_valid.defvjp(_winograd_conv_valid_fwd, _winograd_conv_valid_bwd)
+
+
+def winograd_conv_applies(kernel_shape: Sequence[int], strides: Sequence[int],
+                          pads: Sequence[tuple[int, int]], dtype) -> bool:
+    """Whether :func:`winograd_conv` computes this convolution: a 3x3 kernel, stride 1,
+    padding of 0-2 on each side, float32."""
+    return (tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
+            and all(0 <= p <= 2 for side in pads for p in side)
+            and jnp.dtype(dtype) == jnp.float32)
+
+
+def winograd_conv(x: jax.Array, kernel: jax.Array, pads: Sequence[tuple[int, int]]
+                  ) -> jax.Array:
+    """A lone 3x3, stride-1 convolution as Winograd F(2x2, 3x3) (``"winograd"``).
+
+    Args:
+      x: ``[N, H, W, C_in]`` float32.
+      kernel: ``[3, 3, C_in, C_out]``.
+      pads: ``((top, bottom), (left, right))``, see :func:`winograd_conv_applies`.
+
+    Returns:
+      ``[N, H_out, W_out, C_out]``, ``H_out = H + top + bottom - 2``. An odd output size
+      is computed one row (column) larger on zeros and cropped; pad and crop are outside the
+      custom VJP, so JAX differentiates them.
+    """
+    (top, bottom), (left, right) = pads
+    out_h = x.shape[1] + top + bottom - 2
+    out_w = x.shape[2] + left + right - 2
+    x = jnp.pad(x, ((0, 0), (top, bottom + out_h % 2), (left, right + out_w % 2), (0, 0)))
+    return _winograd_conv_valid(x, kernel)[:, :out_h, :out_w]
