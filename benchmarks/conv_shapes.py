@@ -1,6 +1,6 @@
 """Lone convolutions, formulation by formulation: the measurements behind the CPU table of
 ``flaxconv.kernels.policy`` (which stride-1 convolutions run as ``xla_nhwc``, which as
-``im2col``).
+``im2col``, which 3x3 ones as ``winograd``).
 
     python benchmarks/conv_shapes.py [--steps 30] [--out benchmarks/results/conv_shapes]
 
@@ -65,8 +65,9 @@ def main() -> None:
     header = (f"{datetime.date.today()}; {platform.machine()}, python "
               f"{platform.python_version()}, jax {jax.__version__}, jaxlib "
               f"{jaxlib.__version__}; batch 64, {args.steps} steps, best of 5")
-    lines = [header, "", "| convolution | output | im2col ms | xla_nhwc ms | faster |",
-             "|---|---|---|---|---|"]
+    lines = [header, "",
+             "| convolution | output | im2col ms | xla_nhwc ms | winograd ms | faster |",
+             "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     rows = []
     for what, h, w, c_in, c_out, k, stride, padding in SHAPES:
@@ -75,13 +76,16 @@ def main() -> None:
         times = {"im2col": ms_per_step("im2col", x, kernel, stride, padding, args.steps)}
         if stride == 1:
             times["xla_nhwc"] = ms_per_step("xla_nhwc", x, kernel, stride, padding, args.steps)
+        if stride == 1 and k == 3:
+            times["winograd"] = ms_per_step("winograd", x, kernel, stride, padding, args.steps)
         out = jax.eval_shape(functools.partial(conv2d, strides=(stride, stride),
                                                padding=padding), x, kernel)
         size = f"{out.shape[1]}x{out.shape[2]}"
         faster = min(times, key=times.get)
-        nhwc = f"{times['xla_nhwc']:.2f}" if "xla_nhwc" in times else "-"
+        cell = {f: f"{times[f]:.2f}" if f in times else "-" for f in ("xla_nhwc", "winograd")}
         lines.append(f"| {what}: {k}x{k}/{stride} {padding} {c_in}->{c_out} | {size} | "
-                     f"{times['im2col']:.2f} | {nhwc} | {faster} |")
+                     f"{times['im2col']:.2f} | {cell['xla_nhwc']} | {cell['winograd']} | "
+                     f"{faster} |")
         print(lines[-1], flush=True)
         rows.append({"what": what, "output": size, **times})
     if args.out:

@@ -231,7 +231,7 @@ def rewritten_and_plain(model, x, policy="cpu"):
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("padding", ["VALID", "SAME", ((2, 1), (0, 1))])
 @pytest.mark.parametrize("strides", [1, 2])
-@pytest.mark.parametrize("kernel, channels", [(1, 8), (3, 1), (3, 8), (5, 4)])
+@pytest.mark.parametrize("kernel, channels", [(1, 8), (3, 1), (3, 8), (3, 32), (5, 4)])
 def test_every_covered_convolution_matches_xla_values_and_gradients(
         kernel, channels, strides, padding, use_bias):
     x = jax.random.normal(jax.random.key(1), (2, 11, 10, channels))
@@ -405,7 +405,12 @@ def test_the_policy_per_backend_and_jaxlib_version():
                                   (16, 16))
     # jaxlib 0.10's XLA:CPU convolutions (YNNPACK) lose to im2col on small maps; 0.11+'s win.
     assert (old.conv(conv_2), new.conv(conv_2)) == ("im2col", "xla_nhwc")
-    assert old.conv(same) == new.conv(same) == "xla_nhwc"
+    # 32+ channels on a map of 64+ positions: Winograd; 16 channels: its transformed input
+    # costs more than it saves.
+    assert old.conv(same) == new.conv(same) == "winograd"
+    narrow = kernel_policy.ConvSpec((3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)), jnp.float32,
+                                    (32, 32))
+    assert old.conv(narrow) == new.conv(narrow) == "xla_nhwc"
     assert old.block(conv_1, 2) == new.block(conv_1, 2) == "winograd"
     strided = kernel_policy.ConvSpec((3, 3, 64, 128), (2, 2), valid, jnp.float32, (2, 2))
     assert new.conv(strided) == "im2col"

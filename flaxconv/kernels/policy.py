@@ -6,7 +6,9 @@ A :class:`Policy` answers, for one layer of a traced model, which formulation of
 rerun them):
 
 * **CPU.** A conv -> bias -> relu -> 2x2 max-pool block with a 3x3 kernel and several
-  input channels runs as Winograd's F(2x2, 3x3). Other stride-1 convolutions run as
+  input channels runs as Winograd's F(2x2, 3x3), and so does a lone 3x3 convolution with at
+  least :data:`WINOGRAD_MIN_CHANNELS` input channels on a map of at least
+  :data:`WINOGRAD_MIN_OUTPUT` positions. Other stride-1 convolutions run as
   XLA:CPU's forward NHWC convolution with both gradients written as forward convolutions
   too (``"xla_nhwc"``): since jaxlib 0.11 that beats im2col on every shape measured (by
   1.3-2.2x); in jaxlib 0.10 its default convolution kernels (YNNPACK) lose to im2col's one
@@ -69,6 +71,14 @@ class ConvSpec:
 #: (``benchmarks/RESULTS.md``, the formulations table).
 JAXLIB_0_10_IM2COL_MAX_OUTPUT = 128
 
+#: On CPU (jaxlib 0.10 and 0.12 alike), a lone 3x3 stride-1 convolution runs as Winograd
+#: F(2x2, 3x3) from this many input channels and this many output positions on: it beat
+#: ``xla_nhwc``/im2col by 1.3-1.6x at 14x14 32->64 and 16x16 32->32, lost at 32x32 16->16
+#: (the 4x larger transformed input costs more than the 4/9 multiply-adds save at 16
+#: channels) and on a 3x3 map (padded to 4x4). ``benchmarks/RESULTS.md`` §0.
+WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_MIN_OUTPUT = 64
+
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
@@ -82,7 +92,9 @@ class Policy:
       winograd: conv -> relu -> 2x2-pool blocks run as Winograd where it applies, and a
         first layer's convolution as its patches matmul (``"xla_nhwc"``'s few-channel case).
       winograd_min_channels: lone 3x3 stride-1 float32 convolutions with at least this many
-        input channels run as ``"winograd"``; None: never.
+        input channels and an output map of at least ``winograd_min_output`` positions run
+        as ``"winograd"``; None: never.
+      winograd_min_output: see ``winograd_min_channels``.
     """
 
     name: str
@@ -90,6 +102,7 @@ class Policy:
     nhwc_min_output: int | None = None
     winograd: bool = False
     winograd_min_channels: int | None = None
+    winograd_min_output: int = 0
 
     def conv(self, spec: ConvSpec) -> str:
         """The formulation of a lone convolution: ``"winograd"``, ``"xla_nhwc"`` or
@@ -100,6 +113,7 @@ class Policy:
             return "xla_nhwc"
         if (self.winograd_min_channels is not None
                 and spec.kernel_shape[2] >= self.winograd_min_channels
+                and spec.output_size[0] * spec.output_size[1] >= self.winograd_min_output
                 and winograd_conv_applies(spec.kernel_shape, spec.strides, spec.padding,
                                           spec.dtype)):
             return "winograd"
@@ -126,7 +140,9 @@ def cpu_policy(version: tuple[int, int] | None = None) -> Policy:
     """The CPU table for a jaxlib ``(major, minor)`` (default: the installed one)."""
     version = version or jaxlib_version()
     threshold = 0 if version >= (0, 11) else JAXLIB_0_10_IM2COL_MAX_OUTPUT
-    return Policy("cpu", nhwc_min_output=threshold, winograd=True)
+    return Policy("cpu", nhwc_min_output=threshold, winograd=True,
+                  winograd_min_channels=WINOGRAD_MIN_CHANNELS,
+                  winograd_min_output=WINOGRAD_MIN_OUTPUT)
 
 
 _BY_BACKEND = {"cpu": cpu_policy, "gpu": lambda: GPU, "cuda": lambda: GPU, "rocm": lambda: GPU,
