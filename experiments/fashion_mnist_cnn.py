@@ -13,34 +13,31 @@ Writes <workdir>/fashion_cnn/ and <workdir>/dense/ (each a full run: checkpoints
 curves) and <workdir>/results.json: test_accuracy is the CNN's, with the baseline's beside it.
 """
 
-import math
 import os
 import sys
 
 import optax
 
 from flaxconv import optim
-from flaxconv.experiment import cli, default_config, load_datasets, train_and_evaluate
+from flaxconv.experiment import (
+    cli,
+    default_config,
+    load_datasets,
+    train_and_evaluate,
+    train_steps,
+)
 from flaxconv.workdir import write_json
 
 SCHEDULES = ("onecycle", "cosine", "constant")
 
 
 def get_config():
-    config = default_config()
-    config.update(
-        dataset="fashion_mnist",
-        model="fashion_cnn",
-        optimizer="adam",
-        learning_rate=5e-3,  # the peak of the one-cycle schedule
-        batch_size=64,
-        epochs=5,
-        workdir="runs/fashion_mnist_cnn",
+    return default_config(
+        dataset="fashion_mnist", model="fashion_cnn", workdir="runs/fashion_mnist_cnn",
+        optimizer="adam", learning_rate=5e-3,  # the peak of the one-cycle schedule
+        schedule="onecycle", weight_decay=1e-4,
+        baseline="dense",  # "" skips it
     )
-    config.schedule = "onecycle"
-    config.weight_decay = 1e-4
-    config.baseline = "dense"  # "" skips it
-    return config
 
 
 def schedule(config, steps: int):
@@ -58,9 +55,7 @@ def schedule(config, steps: int):
 
 def run(config):
     datasets = load_datasets(config)
-    n = len(datasets.train[1])
-    n_train = n - int(round(n * config.validation_split))  # fit's validation_split
-    steps = config.epochs * math.ceil(n_train / config.batch_size)
+    steps = train_steps(config, datasets)
     options = {"weight_decay": config.weight_decay} if config.weight_decay else {}
     runs = {}
     for name, model in (("cnn", config.model), ("baseline", config.baseline)):

@@ -21,7 +21,6 @@ scratch by far, while with all 27,455 Sign Language images two epochs from scrat
 (digit strokes are a weak start for hand shapes, and most of the base stays frozen).
 """
 
-import json
 import os
 import sys
 import time
@@ -34,8 +33,8 @@ from flax import traverse_util
 
 import flaxconv as fc
 from flaxconv import data, finetune, viz
-from flaxconv.experiment import cli
-from flaxconv.workdir import claim_workdir
+from flaxconv.experiment import check_flags, cli
+from flaxconv.workdir import claim_workdir, write_json
 
 TARGETS = ("sign_language_mnist", "fashion_mnist", "mnist")
 
@@ -103,7 +102,7 @@ def phase(name, state, train, epochs, config):
 
 
 def test_accuracy(state, test) -> float:
-    return fc.summarize(fc.evaluate(state, *test))["accuracy"]
+    return fc.evaluate(state, *test)["accuracy"]
 
 
 def variables_of(state, layers) -> dict:
@@ -120,6 +119,7 @@ def unchanged(before: dict, state, layers) -> bool:
 
 
 def run(config) -> dict:
+    check_flags(config)  # the seed and train_examples, before the workdir or any data
     with claim_workdir(config.workdir):  # one run at a time in a workdir
         return _run(config)
 
@@ -192,8 +192,7 @@ def _run(config) -> dict:
         "config": config.to_dict(),
         "history": {"head": head_history, "finetune": tune_history, "scratch": scratch_history},
     }
-    with open(os.path.join(config.workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(os.path.join(config.workdir, "results.json"), results)
     print(
         f"{config.target}: finetuned {finetuned_accuracy:.4f} (head only {head_accuracy:.4f}) "
         f"vs scratch {scratch_accuracy:.4f} after {budget} epoch(s); frozen base unchanged: "

@@ -9,5 +9,10 @@ import sys
 
 from flaxconv.experiment import cli, default_config
 
+
+def get_config():
+    return default_config()  # the library's default is this recipe
+
+
 if __name__ == "__main__":
-    sys.exit(cli(default_config(), __doc__))
+    sys.exit(cli(get_config(), __doc__))

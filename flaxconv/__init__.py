@@ -7,12 +7,16 @@
 >>> state, metrics = fc.train_step(state, {"image": images, "label": labels})
 """
 
+from typing import Any
+
 from flaxconv import (
+    _deprecation,
     augment,
     callbacks,
     checkpoint,
     data,
     epochs,
+    evaluation,
     finetune,
     metrics,
     models,
@@ -21,14 +25,14 @@ from flaxconv import (
     population,
     viz,
 )
-from flaxconv.epochs import evaluate
+from flaxconv.evaluation import evaluate
 from flaxconv.export import export
 from flaxconv.fit import fit
-from flaxconv.population import (
+
+# The population entry points stay reachable here; their home (and __all__) is fc.population.
+from flaxconv.population import (  # noqa: F401
     create_population,
-    ensemble_evaluate,
     ensemble_predict,
-    evaluate_population,
     per_example_grads,
     select_member,
     shard_population,
@@ -42,7 +46,6 @@ from flaxconv.steps import (
     eval_step_fn,
     predict,
     predict_fn,
-    summarize,
     train_step,
     train_step_fn,
 )
@@ -50,42 +53,53 @@ from flaxconv.viz import summary
 
 __version__ = "0.1.0"
 
+# Kept one release, each warning with the name to use instead.
+_DEPRECATED: _deprecation.Aliases = {
+    "summarize": ("flaxconv.metrics.compute(sums) (or fc.evaluate for a dataset); "
+                  "fc.summary is the model table", lambda: metrics._summarize),
+    "evaluate_population": ("fc.evaluate(states, images, labels) (finished numbers per "
+                            "member)", lambda: population._evaluate_population),
+    "ensemble_evaluate": ("fc.evaluate(states, images, labels, ensemble=True)",
+                          lambda: population._ensemble_evaluate),
+}
+
+
+def __getattr__(name: str) -> Any:
+    return _deprecation.resolve(__name__, name, _DEPRECATED)
+
+
+# What each kind of user needs; everything else lives in its submodule.
 __all__ = [
-    "TrainState",
-    "add_metrics",
-    "augment",
-    "callbacks",
-    "checkpoint",
-    "create_population",
+    # the script user: build, train, evaluate, save
     "create_train_state",
-    "data",
-    "ensemble_evaluate",
-    "ensemble_predict",
-    "epochs",
     "evaluate",
-    "evaluate_population",
-    "eval_step",
-    "eval_step_fn",
     "export",
-    "finetune",
     "fit",
     "load_model",
-    "metrics",
-    "models",
-    "num_params",
-    "optim",
-    "parallel",
-    "per_example_grads",
-    "population",
     "predict",
-    "predict_fn",
     "save_model",
-    "select_member",
-    "shard_population",
-    "summarize",
     "summary",
-    "train_population_epoch",
+    "models",
+    "optim",
+    "data",
+    "callbacks",
+    # the notebook user: pictures, augmentation, checkpoints, fine-tuning
+    "augment",
+    "checkpoint",
+    "finetune",
+    "viz",
+    # the researcher: the pure steps (jitted; *_fn un-jitted) and the layers under fit
+    "TrainState",
+    "add_metrics",
+    "eval_step",
+    "eval_step_fn",
+    "num_params",
+    "predict_fn",
     "train_step",
     "train_step_fn",
-    "viz",
+    "epochs",
+    "evaluation",
+    "metrics",
+    "parallel",
+    "population",
 ]

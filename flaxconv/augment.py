@@ -34,6 +34,10 @@ This module imports nothing from flaxconv, so the model layer can use it.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import ClassVar, TypedDict, Unpack
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -48,6 +52,18 @@ INTERPOLATIONS = {"bilinear": 1, "nearest": 0}
 FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical")
 
 Factor = float | tuple[float, float]
+
+
+class Fill(TypedDict, total=False):
+    """How the resampling functions fill and interpolate; the keyword arguments that
+    :func:`rotate`, :func:`affine` and the ``random_*`` resamplers pass on to
+    :func:`transform` (whose defaults apply to those not given): ``fill_mode`` (one of
+    :data:`FILL_MODES`, default "reflect"), ``interpolation`` (a key of
+    :data:`INTERPOLATIONS`, default "bilinear") and ``fill_value`` (default 0.0)."""
+
+    fill_mode: str
+    interpolation: str
+    fill_value: float
 
 
 # ----------------------------------------------------------------------------- checks
@@ -152,20 +168,13 @@ def _center(images: jax.Array) -> jax.Array:
     return (jnp.asarray(images.shape[1:3], jnp.float32) - 1.0) / 2.0
 
 
-def rotate(
-    images: jax.Array,
-    angles: jax.Array,
-    *,
-    fill_mode: str = "reflect",
-    interpolation: str = "bilinear",
-    fill_value: float = 0.0,
-) -> jax.Array:
+def rotate(images: jax.Array, angles: jax.Array, **fill: Unpack[Fill]) -> jax.Array:
     """Rotates each image about its center, counter-clockwise by ``angles`` (radians).
 
     Args:
       images: float ``[B, H, W, C]``.
       angles: float ``[B]``, one angle per image.
-      fill_mode, interpolation, fill_value: Keras's (see :data:`FILL_MODES`).
+      **fill: :class:`Fill`, Keras's ``fill_mode``, ``interpolation``, ``fill_value``.
 
     Returns:
       float ``[B, H, W, C]``, same dtype. Pure.
@@ -176,20 +185,11 @@ def rotate(
     matrices = jnp.stack([jnp.stack([cos, sin], -1), jnp.stack([-sin, cos], -1)], -2)
     center = _center(images)
     offsets = center - matrices @ center
-    return transform(
-        images, matrices, offsets,
-        fill_mode=fill_mode, interpolation=interpolation, fill_value=fill_value,
-    )
+    return transform(images, matrices, offsets, **fill)
 
 
 def affine(
-    images: jax.Array,
-    scale: jax.Array,
-    shift: jax.Array,
-    *,
-    fill_mode: str = "reflect",
-    interpolation: str = "bilinear",
-    fill_value: float = 0.0,
+    images: jax.Array, scale: jax.Array, shift: jax.Array, **fill: Unpack[Fill]
 ) -> jax.Array:
     """Zooms about the center and shifts each image (a diagonal affine map).
 
@@ -201,7 +201,7 @@ def affine(
       images: float ``[B, H, W, C]``.
       scale: float ``[B, 2]``, (row, col) zoom per image.
       shift: float ``[B, 2]``, (row, col) shift in pixels per image.
-      fill_mode, interpolation, fill_value: Keras's (see :data:`FILL_MODES`).
+      **fill: :class:`Fill`, Keras's ``fill_mode``, ``interpolation``, ``fill_value``.
 
     Returns:
       float ``[B, H, W, C]``, same dtype. Pure.
@@ -209,32 +209,20 @@ def affine(
     scale = scale.astype(jnp.float32)
     matrices = jax.vmap(jnp.diag)(scale)
     offsets = _center(images) * (1.0 - scale) - shift
-    return transform(
-        images, matrices, offsets,
-        fill_mode=fill_mode, interpolation=interpolation, fill_value=fill_value,
-    )
+    return transform(images, matrices, offsets, **fill)
 
 
 def random_rotation(
-    key: jax.Array,
-    images: jax.Array,
-    factor: Factor,
-    *,
-    fill_mode: str = "reflect",
-    interpolation: str = "bilinear",
-    fill_value: float = 0.0,
+    key: jax.Array, images: jax.Array, factor: Factor, **fill: Unpack[Fill]
 ) -> jax.Array:
     """Rotates each image by its own angle, uniform in ``factor * 2π`` (Keras's
     ``RandomRotation``): ``factor=0.05`` turns by up to ±18°, positive is counter-clockwise.
 
-    ``[B, H, W, C] -> [B, H, W, C]``; deterministic in ``key``; pure.
+    ``fill``: :class:`Fill`. ``[B, H, W, C] -> [B, H, W, C]``; deterministic in ``key``; pure.
     """
     lo, hi = factor_range("factor", factor)
     turns = jax.random.uniform(key, (images.shape[0],), minval=lo, maxval=hi)
-    return rotate(
-        images, 2.0 * jnp.pi * turns,
-        fill_mode=fill_mode, interpolation=interpolation, fill_value=fill_value,
-    )
+    return rotate(images, 2.0 * jnp.pi * turns, **fill)
 
 
 def random_translation(
@@ -242,15 +230,12 @@ def random_translation(
     images: jax.Array,
     height_factor: Factor,
     width_factor: Factor,
-    *,
-    fill_mode: str = "reflect",
-    interpolation: str = "bilinear",
-    fill_value: float = 0.0,
+    **fill: Unpack[Fill],
 ) -> jax.Array:
     """Shifts each image by its own offset, uniform in ``height_factor * H`` rows and
     ``width_factor * W`` columns (Keras's ``RandomTranslation``; positive is down/right).
 
-    ``[B, H, W, C] -> [B, H, W, C]``; deterministic in ``key``; pure.
+    ``fill``: :class:`Fill`. ``[B, H, W, C] -> [B, H, W, C]``; deterministic in ``key``; pure.
     """
     (hlo, hhi), (wlo, whi) = (
         factor_range("height_factor", height_factor),
@@ -261,10 +246,7 @@ def random_translation(
         key, (b, 2), minval=jnp.array([hlo, wlo]), maxval=jnp.array([hhi, whi])
     )
     shift = fractions * jnp.array([h, w], jnp.float32)
-    return affine(
-        images, jnp.ones((b, 2)), shift,
-        fill_mode=fill_mode, interpolation=interpolation, fill_value=fill_value,
-    )
+    return affine(images, jnp.ones((b, 2)), shift, **fill)
 
 
 def random_zoom(
@@ -272,16 +254,13 @@ def random_zoom(
     images: jax.Array,
     height_factor: Factor,
     width_factor: Factor | None = None,
-    *,
-    fill_mode: str = "reflect",
-    interpolation: str = "bilinear",
-    fill_value: float = 0.0,
+    **fill: Unpack[Fill],
 ) -> jax.Array:
     """Zooms each image about its center by its own factor ``1 + u``, ``u`` uniform in
     ``height_factor`` (Keras's ``RandomZoom``: positive zooms out, negative zooms in).
 
     ``width_factor=None`` keeps the aspect ratio (one factor for both axes).
-    ``[B, H, W, C] -> [B, H, W, C]``; deterministic in ``key``; pure.
+    ``fill``: :class:`Fill`. ``[B, H, W, C] -> [B, H, W, C]``; deterministic in ``key``; pure.
     """
     hlo, hhi = factor_range("height_factor", height_factor)
     b = images.shape[0]
@@ -292,10 +271,7 @@ def random_zoom(
     else:
         wlo, whi = factor_range("width_factor", width_factor)
         zw = 1.0 + jax.random.uniform(wkey, (b,), minval=wlo, maxval=whi)
-    return affine(
-        images, jnp.stack([zh, zw], axis=1), jnp.zeros((b, 2)),
-        fill_mode=fill_mode, interpolation=interpolation, fill_value=fill_value,
-    )
+    return affine(images, jnp.stack([zh, zw], axis=1), jnp.zeros((b, 2)), **fill)
 
 
 def random_flip(key: jax.Array, images: jax.Array, mode: str = "horizontal") -> jax.Array:
@@ -378,28 +354,41 @@ class _Layer(nn.Module):
         pass
 
 
-class _Spatial(_Layer):
-    """Shared methods of the resampling layers; each declares ``fill_mode``,
-    ``interpolation`` and ``fill_value`` after its factors, so positional arguments
-    follow Keras's order."""
+class _Random(_Layer):
+    """A layer that augments in training (drawing from the ``"augment"`` rng stream) and
+    is the identity otherwise."""
 
-    def check(self) -> None:
-        _check_fill(self.fill_mode, self.interpolation)
-
-    def fill(self) -> dict:
-        return dict(
-            fill_mode=self.fill_mode, interpolation=self.interpolation, fill_value=self.fill_value
-        )
-
-    def transform(self, key: jax.Array, x: jax.Array) -> jax.Array:
-        """The layer's random resampling of ``x`` with ``key``."""
-        raise NotImplementedError
+    def augment(self, key: jax.Array, x: jax.Array) -> jax.Array:
+        """``x`` augmented with ``key``: ``[B, H, W, C] -> [B, H, W, C]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not define augment()")
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if not train:
-            return x
-        return self.transform(self.make_rng("augment"), x)
+        return self.augment(self.make_rng("augment"), x) if train else x
+
+
+class _Spatial(_Random):
+    """A resampling layer: its factors (``factors`` names them, in Keras's order, each
+    checked by :func:`factor_range` unless None) and the fill settings (:class:`Fill`,
+    keyword-only so that the factors come first) go to its ``resample`` function."""
+
+    fill_mode: str = dataclasses.field(default="reflect", kw_only=True)
+    interpolation: str = dataclasses.field(default="bilinear", kw_only=True)
+    fill_value: float = dataclasses.field(default=0.0, kw_only=True)
+
+    factors: ClassVar[tuple[str, ...]] = ()
+    resample: ClassVar[Callable[..., jax.Array]]
+
+    def check(self) -> None:
+        _check_fill(self.fill_mode, self.interpolation)
+        for name in self.factors:
+            if getattr(self, name) is not None:
+                factor_range(name, getattr(self, name))
+
+    def augment(self, key: jax.Array, x: jax.Array) -> jax.Array:
+        fill: Fill = {name: getattr(self, name) for name in Fill.__annotations__}
+        factors = [getattr(self, name) for name in self.factors]
+        return type(self).resample(key, x, *factors, **fill)
 
 
 class RandomRotation(_Spatial):
@@ -408,16 +397,9 @@ class RandomRotation(_Spatial):
     Identity when ``train=False``. ``[B, H, W, C] -> [B, H, W, C]``."""
 
     factor: Factor
-    fill_mode: str = "reflect"
-    interpolation: str = "bilinear"
-    fill_value: float = 0.0
 
-    def check(self) -> None:
-        super().check()
-        factor_range("factor", self.factor)
-
-    def transform(self, key: jax.Array, x: jax.Array) -> jax.Array:
-        return random_rotation(key, x, self.factor, **self.fill())
+    factors = ("factor",)
+    resample = staticmethod(random_rotation)
 
 
 class RandomTranslation(_Spatial):
@@ -427,17 +409,9 @@ class RandomTranslation(_Spatial):
 
     height_factor: Factor
     width_factor: Factor
-    fill_mode: str = "reflect"
-    interpolation: str = "bilinear"
-    fill_value: float = 0.0
 
-    def check(self) -> None:
-        super().check()
-        factor_range("height_factor", self.height_factor)
-        factor_range("width_factor", self.width_factor)
-
-    def transform(self, key: jax.Array, x: jax.Array) -> jax.Array:
-        return random_translation(key, x, self.height_factor, self.width_factor, **self.fill())
+    factors = ("height_factor", "width_factor")
+    resample = staticmethod(random_translation)
 
 
 class RandomZoom(_Spatial):
@@ -447,21 +421,12 @@ class RandomZoom(_Spatial):
 
     height_factor: Factor
     width_factor: Factor | None = None
-    fill_mode: str = "reflect"
-    interpolation: str = "bilinear"
-    fill_value: float = 0.0
 
-    def check(self) -> None:
-        super().check()
-        factor_range("height_factor", self.height_factor)
-        if self.width_factor is not None:
-            factor_range("width_factor", self.width_factor)
-
-    def transform(self, key: jax.Array, x: jax.Array) -> jax.Array:
-        return random_zoom(key, x, self.height_factor, self.width_factor, **self.fill())
+    factors = ("height_factor", "width_factor")
+    resample = staticmethod(random_zoom)
 
 
-class RandomFlip(_Layer):
+class RandomFlip(_Random):
     """Keras's ``RandomFlip``: in training, each image is mirrored with probability 1/2 per
     axis of ``mode``. Identity when ``train=False``. Not for digits or letters, whose mirror
     image is another symbol."""
@@ -472,11 +437,8 @@ class RandomFlip(_Layer):
         if self.mode not in FLIP_MODES:
             raise ValueError(f"mode={self.mode!r}; expected one of {list(FLIP_MODES)}")
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if not train:
-            return x
-        return random_flip(self.make_rng("augment"), x, self.mode)
+    def augment(self, key: jax.Array, x: jax.Array) -> jax.Array:
+        return random_flip(key, x, self.mode)
 
 
 class RandomCrop(_Layer):
@@ -536,7 +498,7 @@ def keras_like(
     translation: Factor = 0.0,
     zoom: Factor = 0.0,
     flip: str | None = None,
-    **fill: str | float,
+    **fill: Unpack[Fill],
 ) -> tuple[nn.Module, ...]:
     """The usual augmentation stack as layers for ``ConvStack(augment=...)``: a flip (if
     ``flip`` names a mode), then rotation, translation (same factor for both axes) and zoom,

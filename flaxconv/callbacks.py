@@ -141,7 +141,23 @@ def _check_non_negative(owner: str, name: str, value: Any) -> None:
         raise ValueError(f"{owner}: {name}={value!r}; expected a non-negative integer")
 
 
-class EarlyStopping(Callback):
+class _Monitor(Callback):
+    """A callback that watches one number of the epoch logs: Keras's ``monitor``,
+    ``mode`` (resolved to "min" or "max"), ``min_delta``, ``patience`` and ``verbose``,
+    checked with the subclass's name in the errors."""
+
+    def __init__(self, monitor: str, mode: str, min_delta: float, patience: int, verbose: int):
+        owner = type(self).__name__
+        _check_non_negative(owner, "patience", patience)
+        self.monitor, self.min_delta, self.patience = monitor, abs(min_delta), patience
+        self.mode, self.verbose = resolve_mode(monitor, mode, owner), verbose
+
+    def current(self, logs: dict[str, float]) -> float:
+        """``logs[self.monitor]`` (:func:`monitored`)."""
+        return monitored(logs, self.monitor, type(self).__name__)
+
+
+class EarlyStopping(_Monitor):
     """Stops training when ``monitor`` has not improved for ``patience`` epochs (Keras's).
 
     Args:
@@ -169,16 +185,14 @@ class EarlyStopping(Callback):
         restore_best_weights: bool = False,
         start_from_epoch: int = 0,
     ):
-        _check_non_negative("EarlyStopping", "patience", patience)
+        super().__init__(monitor, mode, min_delta, patience, verbose)
         _check_non_negative("EarlyStopping", "start_from_epoch", start_from_epoch)
-        self.monitor, self.min_delta, self.patience = monitor, abs(min_delta), patience
-        self.mode = resolve_mode(monitor, mode, "EarlyStopping")
-        self.verbose, self.baseline = verbose, baseline
+        self.baseline = baseline
         self.restore_best_weights, self.start_from_epoch = restore_best_weights, start_from_epoch
         self.load_state_dict({})
 
     def on_epoch_end(self, epoch, logs, state):
-        current = monitored(logs, self.monitor, "EarlyStopping")
+        current = self.current(logs)
         if epoch < self.start_from_epoch:
             return None
         if self.restore_best_weights and self.best_weights is None:
@@ -265,7 +279,7 @@ class StopAtThreshold(Callback):
         self.stop_training = self.stopped_epoch is not None
 
 
-class ReduceLROnPlateau(Callback):
+class ReduceLROnPlateau(_Monitor):
     """Multiplies the learning rate by ``factor`` when ``monitor`` stops improving (Keras's).
 
     Acts on ``opt_state.hyperparams["learning_rate"]`` (see :func:`flaxconv.optim.make`),
@@ -297,12 +311,9 @@ class ReduceLROnPlateau(Callback):
             raise ValueError(f"ReduceLROnPlateau: factor={factor!r}; expected 0 < factor < 1")
         if min_lr < 0:
             raise ValueError(f"ReduceLROnPlateau: min_lr={min_lr!r}; expected >= 0")
-        _check_non_negative("ReduceLROnPlateau", "patience", patience)
+        super().__init__(monitor, mode, min_delta, patience, verbose)
         _check_non_negative("ReduceLROnPlateau", "cooldown", cooldown)
-        self.monitor, self.factor, self.patience = monitor, float(factor), patience
-        self.mode = resolve_mode(monitor, mode, "ReduceLROnPlateau")
-        self.verbose, self.min_delta = verbose, abs(min_delta)
-        self.cooldown, self.min_lr = cooldown, float(min_lr)
+        self.factor, self.cooldown, self.min_lr = float(factor), cooldown, float(min_lr)
         self.load_state_dict({})
 
     def on_train_begin(self, state, workdir):
@@ -319,7 +330,7 @@ class ReduceLROnPlateau(Callback):
             )
 
     def on_epoch_end(self, epoch, logs, state):
-        current = monitored(logs, self.monitor, "ReduceLROnPlateau")
+        current = self.current(logs)
         if self.cooldown_counter > 0:
             self.cooldown_counter -= 1
             self.wait = 0

@@ -10,6 +10,7 @@ errors a user can cause into one readable line.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -23,16 +24,17 @@ import numpy as np
 
 import flaxconv as fc
 from flaxconv import data, parallel, preemption, viz
-from flaxconv import metrics as metrics_lib
 from flaxconv.data.checks import check_images
+from flaxconv.evaluation import evaluate
 from flaxconv.export import ExportError
-from flaxconv.fit import IncompatibleWorkdirError, NonFiniteLossError, fit
+from flaxconv.fit import IncompatibleWorkdirError, NonFiniteLossError, _split, fit
 from flaxconv.saved_model import SavedModelError
 from flaxconv.workdir import WorkdirLockedError, WorkdirWriteError, claim_workdir, write_json
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """The *Deep Learning with Python* MNIST convnet recipe."""
+def default_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """The *Deep Learning with Python* MNIST convnet recipe, with ``overrides`` replacing
+    its values or adding keys (an experiment's own settings, which become flags too)."""
     return ml_collections.ConfigDict(
         dict(
             dataset="mnist",
@@ -51,6 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
             dtype="float32",  # computation dtype; "bfloat16": mixed precision
             feature_maps=2,  # feature_maps.png of this many test images (and filters.png); 0: none
         )
+        | overrides
     )
 
 
@@ -78,6 +81,9 @@ def load_datasets(config: ml_collections.ConfigDict) -> Datasets:
     """``config.dataset``'s train and test splits via :func:`flaxconv.data.load`."""
     train_images, train_labels = data.load(config.dataset, "train", source=config.data_source)
     test_images, test_labels = data.load(config.dataset, "test", source=config.data_source)
+    if config.train_examples > len(train_labels):
+        raise ValueError(f"train_examples={config.train_examples} is more than the "
+                         f"{len(train_labels)} training examples of {config.dataset}")
     if config.train_examples:
         train_images = train_images[: config.train_examples]
         train_labels = train_labels[: config.train_examples]
@@ -85,6 +91,17 @@ def load_datasets(config: ml_collections.ConfigDict) -> Datasets:
         (train_images, train_labels), (test_images, test_labels),
         data.num_classes(config.dataset),
     )
+
+
+def train_steps(config: ml_collections.ConfigDict, datasets: Datasets) -> int:
+    """The optimizer steps that :func:`train_and_evaluate` takes on array ``datasets``:
+    ``config.epochs`` epochs of ``ceil(n / batch_size)`` steps, ``n`` counted after fit's
+    own ``validation_split`` cut (when the config asks for one and ``datasets`` brings no
+    validation set). What a learning-rate schedule is to span."""
+    labels = datasets.train[1]
+    if config.validation_split and datasets.validation is None:
+        labels = _split((None, labels), config.validation_split)[0][1]
+    return config.epochs * math.ceil(len(labels) / config.batch_size)
 
 
 def train_and_evaluate(
@@ -180,7 +197,7 @@ def _train_and_evaluate(config, datasets, model, tx, callbacks) -> dict[str, Any
     )
     train_seconds = time.perf_counter() - start
 
-    test = metrics_lib.evaluate(state, test_images, test_labels, f"loss,accuracy,{config.metrics}")
+    test = evaluate(state, test_images, test_labels, f"loss,accuracy,{config.metrics}")
     results = {
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
@@ -245,21 +262,41 @@ RESUMABLE_CHANGES = ("epochs", "verbose", "workdir", "metrics", "feature_maps")
 
 
 def parse_flags(
-    config: ml_collections.ConfigDict, argv: list[str] | None, description: str
+    config: ml_collections.ConfigDict,
+    argv: list[str] | None,
+    description: str,
+    *,
+    resolve: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict] | None = None,
+    prog: str | None = None,
 ) -> ml_collections.ConfigDict:
-    """Command-line flags ``--<key>`` (dashes for underscores) for every key of ``config``."""
-    parser = argparse.ArgumentParser(description=description)
+    """Command-line flags ``--<key>`` (dashes for underscores) for every key of ``config``.
+
+    A flag takes its key's type: a bool is ``--key``/``--no-key``; a key whose default is
+    None takes its placeholder's type (``ml_collections.config_dict.placeholder(int)``),
+    else a string. ``resolve`` (optional) turns the parsed config into the one the run
+    takes (e.g. a list spec into per-member values); its ValueError becomes argparse's
+    one-line usage error (exit status 2), like a malformed flag.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for key, value in config.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):  # type=bool would read "--flag False" as True
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
             continue
-        kind = type(value) if value is not None else str
+        kind = type(value) if value is not None else config.get_type(key)
+        kind = str if kind is type(None) else kind
         parser.add_argument(flag, type=kind, default=value, help=f"default: {value}")
     args = parser.parse_args(argv)
     config = ml_collections.ConfigDict(config.to_dict())
     for key in config:
         setattr(config, key, getattr(args, key))
+    if resolve is not None:
+        try:
+            config = resolve(config)
+        except ValueError as error:
+            parser.error(str(error))
     return config
 
 
@@ -281,9 +318,11 @@ def cli(
     description: str,
     argv: list[str] | None = None,
     run=train_and_evaluate,
+    **flags: Any,
 ) -> int:
-    """Parses flags over ``config`` and runs ``run(config)`` through :func:`report_errors`."""
-    config = parse_flags(config, argv, description)
+    """Parses flags over ``config`` (:func:`parse_flags`, which takes ``flags``: ``resolve``,
+    ``prog``) and runs ``run(config)`` through :func:`report_errors`."""
+    config = parse_flags(config, argv, description, **flags)
     return report_errors(lambda: run(config))
 
 

@@ -6,9 +6,9 @@ The recipe of the seed notebooks (and of Keras's transfer-learning guide), as fu
 >>> state = fc.checkpoint.restore_params("runs/mnist_convnet", state, include=("conv_*",))
 >>> pretrained = jax.device_get(state)     # a host copy: fit donates (frees) the state's arrays
 >>> base = ("conv_*",)                                     # the pretrained layers
->>> state = fc.finetune.freeze(state, fc.optim.make("rmsprop", 1e-3), base)
+>>> state = fc.finetune.freeze_state(state, fc.optim.make("rmsprop", 1e-3), base)
 >>> state, _ = fc.fit(state, data, epochs=2)               # 1. the new head only
->>> state = fc.finetune.freeze(state, fc.optim.make("rmsprop", 1e-5), ("conv_0", "conv_1"))
+>>> state = fc.finetune.freeze_state(state, fc.optim.make("rmsprop", 1e-5), ("conv_0", "conv_1"))
 >>> state, _ = fc.fit(state, data, epochs=2)               # 2. head + top conv block, low lr
 >>> fc.finetune.changed_layers(pretrained, state)          # -> ['conv_2', 'head']
 
@@ -30,11 +30,11 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from flaxconv import optim
+from flaxconv import _deprecation, optim
 from flaxconv.state import TrainState
 
 
-def freeze(
+def freeze_state(
     state: TrainState, tx: optax.GradientTransformation, frozen: str | Sequence[str] = ()
 ) -> TrainState:
     """``state`` set up to train all but the ``frozen`` layers with ``tx``.
@@ -226,3 +226,24 @@ def flat_variables(state: TrainState | Any) -> dict[tuple[str, ...], Any]:
 def _same_bits(x: Any, y: Any) -> bool:
     x, y = np.asarray(x), np.asarray(y)
     return x.shape == y.shape and x.dtype == y.dtype and x.tobytes() == y.tobytes()
+
+
+# Kept one release: flaxconv.optim.freeze is the optimizer's (a tx in, a tx out).
+_DEPRECATED: _deprecation.Aliases = {
+    "freeze": ("flaxconv.finetune.freeze_state (flaxconv.optim.freeze wraps an optimizer)",
+               lambda: freeze_state),
+}
+
+
+def __getattr__(name: str) -> Any:
+    return _deprecation.resolve(__name__, name, _DEPRECATED)
+
+
+__all__ = [
+    "changed_layers",
+    "copy_layers",
+    "flat_variables",
+    "freeze_state",
+    "replace_arrays",
+    "transfer_plan",
+]

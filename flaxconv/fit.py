@@ -5,8 +5,9 @@ Two data paths, picked by the type of ``train_data``:
 
 * arrays ``(images, labels)`` (uint8 ``[N, H, W, C]``, int ``[N]``): the fast path. The
   data goes to the device once; each epoch is one (or, with a progress bar, a few) jitted
-  ``lax.scan`` over a permutation drawn from the state's rng and the epoch number
-  (:mod:`flaxconv.epochs`).
+  ``lax.scan`` (:func:`flaxconv.epochs.run_epoch`) in the order
+  ``fc.epochs.epoch_order(int(fc.epochs.order_seed(state)), epoch, N)``: the order every
+  path gives that seed, a function of the state's rng and the epoch number alone.
 * a callable ``epoch -> iterable of batches`` (e.g. a ``flaxconv.data.stream`` pipeline): the
   streaming path, one donated jitted step per batch. For resume it must give the same
   batches for the same epoch.
@@ -34,7 +35,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flaxconv import epochs as ep
@@ -43,9 +43,8 @@ from flaxconv import optim, parallel, preemption
 from flaxconv.callbacks import Callback
 from flaxconv.checkpoint import Checkpoints
 from flaxconv.data.checks import check_images, warn_one_class
-from flaxconv.metrics import check_labels, num_classes
+from flaxconv.metrics import check_labels, model_classes
 from flaxconv.state import TrainState
-from flaxconv.steps import explain_kernels, train_step_fn
 from flaxconv.workdir import (  # noqa: F401 - re-exported: fc.fit's names of one release
     LOCK_FILE,
     IncompatibleWorkdirError,
@@ -87,56 +86,6 @@ class History(dict):
         resumed run's history holds the earlier epochs too, so this is ``0 .. n - 1``."""
         return list(range(max((len(v) for v in self.values()), default=0)))
 
-# Data-order keys live in their own fold_in domain, apart from the per-step keys.
-_DATA_ORDER_DOMAIN = 0x7FFFFFFF
-
-# The public train_step's function, donating the state the loop no longer needs.
-_train_step_donated = jax.jit(train_step_fn, donate_argnums=0)
-
-
-def _gather(images, labels, weights, idx, mask):
-    """The batch of example indices ``idx``, with their ``"weight"`` when ``weights``."""
-    batch = ep.gather_batch(images, labels, idx, mask)
-    if weights is not None:
-        batch["weight"] = weights[idx]
-    return batch
-
-
-def _train_steps_fn(state, images, labels, weights, indices, mask, lo, hi):
-    """Steps ``lo`` to ``hi - 1`` of an epoch plan in one ``lax.fori_loop``; pure.
-
-    :func:`flaxconv.epochs.train_epoch_fn` on ``indices[lo:hi]``, but with ``lo`` and
-    ``hi`` traced, so an epoch cut at any steps (a callback's ``batch_interval``) runs one
-    compiled loop, and with per-example ``weights`` (float32 ``[N]`` or None) as each
-    batch's ``"weight"``. Returns the state and per-step metric sums, each ``[S]`` (zero
-    outside ``lo .. hi - 1``).
-    """
-
-    def body(i, carry):
-        state, sums = carry
-        state, step_sums = train_step_fn(state, _gather(images, labels, weights, indices[i],
-                                                        mask[i]))
-        return state, jax.tree.map(lambda a, x: a.at[i].set(x), sums, step_sums)
-
-    shapes = jax.eval_shape(
-        lambda s: train_step_fn(s, _gather(images, labels, weights, indices[0], mask[0]))[1],
-        state,
-    )
-    sums = jax.tree.map(lambda x: jnp.zeros((indices.shape[0], *x.shape), x.dtype), shapes)
-    return jax.lax.fori_loop(lo, hi, body, (state, sums))
-
-
-_train_steps = jax.jit(_train_steps_fn, donate_argnums=0)
-
-
-def _class_weighted_step_fn(state, batch, class_weights):
-    """:func:`flaxconv.steps.train_step_fn` with example ``i`` weighted by
-    ``class_weights[label_i]`` (float32 ``[C]``): Keras's ``class_weight``; pure."""
-    weight = jnp.take(class_weights, jnp.asarray(batch["label"]), mode="clip")
-    return train_step_fn(state, {**batch, "weight": weight})
-
-
-_class_weighted_step = jax.jit(_class_weighted_step_fn, donate_argnums=0)
 
 __all__ = [
     "History",
@@ -144,13 +93,10 @@ __all__ = [
     "NonFiniteLossError",
     "WorkdirLock",
     "WorkdirLockedError",
-    "check_labels",
     "claim_workdir",
-    "data_order_key",
     "fit",
     "lock_workdir",
     "make_workdir",
-    "num_classes",
     "run_config",
 ]
 
@@ -165,12 +111,6 @@ class NonFiniteLossError(FloatingPointError):
             f"the training loss became {loss} at {where}; stopped (lower the learning "
             f"rate or check the inputs). The last good checkpoint, if any, is kept."
         )
-
-
-def data_order_key(state: TrainState, epoch: int) -> jax.Array:
-    """The permutation key of ``epoch``: a function of the state's rng and the epoch only."""
-    base = jax.random.fold_in(jax.random.wrap_key_data(state.rng), _DATA_ORDER_DOMAIN)
-    return jax.random.fold_in(base, epoch)
 
 
 def _as_arrays(data: ArrayData, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -252,7 +192,8 @@ class _Progress:
             return
         print(f"Epoch {epoch + 1}/{self.epochs}", flush=True)
         if self.verbose == "bar":
-            from tqdm import tqdm
+            # tqdm.auto: a widget bar in Jupyter/Colab (text where ipywidgets is missing).
+            from tqdm.auto import tqdm
 
             self.bar = tqdm(
                 total=self.steps, file=sys.stdout, leave=False, dynamic_ncols=True,
@@ -279,7 +220,9 @@ class _Progress:
 
 def _resolve_verbose(verbose: str | int) -> str:
     if verbose == "auto":
-        return "bar" if sys.stdout.isatty() else "epoch"
+        # A Jupyter kernel's stdout is no tty, yet shows a bar as a terminal does.
+        interactive = sys.stdout.isatty() or "ipykernel" in sys.modules
+        return "bar" if interactive else "epoch"
     aliases = {0: "silent", 1: "bar", 2: "epoch"}
     verbose = aliases.get(verbose, verbose)
     if verbose not in ("bar", "epoch", "silent"):
@@ -290,102 +233,6 @@ def _resolve_verbose(verbose: str | int) -> str:
 def _first_non_finite(losses: np.ndarray) -> int | None:
     bad = np.flatnonzero(~np.isfinite(losses))
     return int(bad[0]) if bad.size else None
-
-
-def _train_epoch_arrays(state, images, labels, plan, key, progress, chunks, start=0,
-                        stop=None, weights=None, hooks=None):
-    """One epoch on device-resident arrays in ``chunks`` scan calls (1 = fastest), or with
-    ``chunks=None`` one jitted step per batch (see :func:`_scan_chunks`), from step
-    ``start`` (a resumed epoch) on; returns the state, the per-step sums and whether the
-    epoch is complete. With ``stop`` (a flag, see :mod:`flaxconv.preemption`) at most one
-    call runs ahead of the host, and the epoch ends early after the call in flight once
-    ``stop()`` is true. ``weights`` (float32 ``[N]``) weight the examples' losses; the
-    epoch is also cut after the steps where ``hooks`` (a :class:`_BatchHooks`) are due,
-    which then run; both take :func:`_train_steps` (traced bounds: no recompilation)."""
-    indices = plan.indices(key)
-    if chunks is None:
-        bounds = np.arange(plan.steps + 1)
-    else:
-        bounds = np.linspace(0, plan.steps, chunks + 1).round().astype(int)
-    cuts = hooks.cuts(start, plan.steps) if hooks else []
-    # the calls of an uninterrupted run, and the hooks' steps
-    bounds = np.unique([start, *bounds[bounds > start], *cuts])
-    per_step, done = [], start
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        if chunks is None:
-            batch = _gather(images, labels, weights, indices[lo], plan.mask[lo])
-            state, sums = _train_step_donated(state, batch)
-            sums = jax.tree.map(lambda x: x[None], sums)
-        elif weights is None and not cuts:  # the plain epoch: the library's own scan
-            state, sums = ep.train_epoch(state, images, labels, indices[lo:hi], plan.mask[lo:hi])
-        else:
-            state, sums = _train_steps(state, images, labels, weights, indices, plan.mask,
-                                       int(lo), int(hi))
-            sums = jax.tree.map(lambda x, lo=lo, hi=hi: x[lo:hi], sums)
-        if stop is not None and per_step:
-            jax.block_until_ready(per_step[-1])  # the flag is seen within a call or two
-        per_step.append(sums)
-        progress.advance(int(hi - lo))
-        done = int(hi)
-        if done in cuts:
-            state = hooks(state, done, per_step)
-        if stop is not None and done < plan.steps and stop():
-            break
-    sums = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *per_step)
-    return state, sums, done == plan.steps
-
-
-def _scan_chunks(state: TrainState, plan: ep.EpochPlan, verbose: str) -> int | None:
-    """How many ``lax.scan`` calls an epoch on arrays takes: one (20 with a progress bar),
-    or None for one jitted step per batch, on CPU, when the model has a convolution that
-    the kernel seam leaves to XLA: XLA:CPU runs JAX's own convolution gradients as a naive
-    loop inside any loop (jax-ml/jax#12868), several times slower than the step alone."""
-    if jax.default_backend() == "cpu":
-        images = jax.ShapeDtypeStruct((plan.batch_size, *state.input_shape), np.uint8)
-        if any(choice.fallback and choice.op.startswith("conv")
-               for choice in explain_kernels(state, images)):
-            return None
-    return 20 if verbose == "bar" else 1
-
-
-def _train_epoch_stream(state, batches: Iterable[dict], progress, classes: int, stop=None,
-                        class_weights=None, hooks=None, start=0):
-    """One epoch of streamed batches; returns the state, the per-step sums and whether the
-    epoch is complete: with ``stop``, it ends early, at most one step after ``stop()``
-    became true, unless no batch is left (one batch is read ahead to know). With
-    ``class_weights`` (float32 ``[C]``) each example is weighted by its class; ``hooks``
-    run after the steps where they are due (``start``: the steps done before these)."""
-    per_step = []
-    batches = iter(batches)
-    batch = next(batches, None)
-    while batch is not None:
-        labels = batch.get("label") if isinstance(batch, dict) else None
-        if isinstance(labels, np.ndarray):  # host batches: checked for free, before the step
-            mask = batch.get("mask")
-            check_labels(labels if mask is None else labels[np.asarray(mask, bool)], classes,
-                         "training labels")
-        if class_weights is None:
-            state, sums = _train_step_donated(state, batch)
-        elif isinstance(batch, dict) and "weight" in batch:
-            raise ValueError(
-                "class_weight with batches that carry a 'weight': Keras refuses class_weight "
-                "and sample_weight together; fold the class weights into the batches' weights"
-            )
-        else:
-            state, sums = _class_weighted_step(state, batch, class_weights)
-        if stop is not None and per_step:
-            jax.block_until_ready(per_step[-1])  # the flag is seen within a step or two
-        per_step.append(sums)
-        progress.advance(1)
-        if hooks:
-            state = hooks(state, start + len(per_step), per_step)
-        batch = next(batches, None)
-        if batch is not None and stop is not None and stop():
-            break
-    if not per_step:
-        raise ValueError("train_data produced no batch in this epoch")
-    sums = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *per_step)
-    return state, sums, batch is None
 
 
 class _BatchHooks:
@@ -557,7 +404,7 @@ def fit(
       workdir: where ``checkpoints/``, ``config.json``, ``history.json``, ``history.csv``
         and ``curves.png`` go; a workdir with checkpoints is resumed.
       verbose: "bar" (a progress bar per step), "epoch" (a line per epoch), "silent", or
-        "auto" (bar on a terminal, else epoch lines); Keras's 1/2/0 work too.
+        "auto" (bar on a terminal or in Jupyter/Colab, else epoch lines); Keras's 1/2/0 work too.
       metrics: more validation metrics, names of :mod:`flaxconv.metrics` with a scalar
         value (e.g. ``("top_5", "f1", "roc_auc")``), logged as ``val_<name>``.
       config: extra JSON-able settings that a resumed run must share (e.g. the CLI flags).
@@ -590,7 +437,7 @@ def fit(
         raise ValueError("metrics: 'confusion' is not a number to log per epoch; use "
                          "flaxconv.metrics.evaluate for it")
     val_spec = metrics_lib.spec(("loss", "accuracy", *metrics))
-    classes = num_classes(state)
+    classes = model_classes(state)
     streaming = callable(train_data)
     if streaming and validation_split:
         raise ValueError("validation_split needs array train_data; pass validation_data instead")
@@ -616,7 +463,7 @@ def fit(
             weights = class_weights[np.asarray(train_data[1])]
         # Data parallel: state and data replicated over the devices of the state's mesh
         # (all devices by default), each step's batch split over them (flaxconv.parallel).
-        state, images, labels, plan = parallel.place_for_fit(state, *train_data, batch_size)
+        state, images, labels, plan = ep.place_for_fit(state, *train_data, batch_size)
         if weights is not None:
             weights = parallel.replicate(weights, parallel.mesh_of(state.params))
         steps_per_epoch = plan.steps
@@ -679,7 +526,7 @@ def fit(
             if hasattr(callback, "on_train_begin"):
                 callback.on_train_begin(state, workdir)
         progress = _Progress(verbose, epochs, steps_per_epoch)
-        chunks = None if streaming else _scan_chunks(state, plan, verbose)
+        chunks = None if streaming else ep.scan_chunks(state, plan, verbose == "bar")
         last = start_epoch if stopped else epochs  # a stopped run stays stopped
         for epoch in range(start_epoch, last):
             progress.begin(epoch)
@@ -694,14 +541,19 @@ def fit(
             start = time.perf_counter()
             if streaming:
                 batches = itertools.islice(train_data(epoch), done, None)  # Keras-like skip
-                state, sums, complete = _train_epoch_stream(
-                    state, batches, progress, classes, stop, class_weights, hooks, done
+                state, sums, complete = ep.run_stream_epoch(
+                    state, batches, start=done, class_weights=class_weights,
+                    check=lambda y: check_labels(y, classes, "training labels"),
+                    after_step=hooks if hooks else None, advance=progress.advance, stop=stop,
                 )
             else:
-                key = data_order_key(state, epoch)
-                state, sums, complete = _train_epoch_arrays(
-                    state, images, labels, plan, key, progress, chunks, done, stop, weights,
-                    hooks,
+                # The order is a function of the state's rng and the epoch: a resumed run
+                # sees the orders of an uninterrupted one.
+                order = ep.epoch_order(int(ep.order_seed(state)), epoch, plan.num_examples)
+                state, sums, complete = ep.run_epoch(
+                    state, images, labels, plan, plan.indices(order), chunks, start=done,
+                    weights=weights, cuts=hooks.cuts(done, plan.steps) if hooks else (),
+                    at_cut=hooks, advance=progress.advance, stop=stop,
                 )
             seconds = time.perf_counter() - start
             if done:
@@ -783,3 +635,13 @@ def _current_lr(state: TrainState) -> float:
         return float(optim.learning_rate(state.opt_state))
     except ValueError:
         return math.nan
+
+
+def __getattr__(name: str) -> Any:
+    # Moved to flaxconv.epochs (the one epoch module); kept one release.
+    if name != "data_order_key":
+        raise AttributeError(f"module 'flaxconv.fit' has no attribute {name!r}")
+    warnings.warn("flaxconv.fit.data_order_key is deprecated; use "
+                  "flaxconv.epochs.data_order_key (or flaxconv.epochs.order_seed)",
+                  DeprecationWarning, stacklevel=2)
+    return ep.data_order_key

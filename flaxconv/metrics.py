@@ -1,14 +1,18 @@
-"""Dataset-level classification metrics from summable per-batch statistics.
+"""The metric vocabulary: summable per-batch statistics and the one finisher.
 
 Every metric here is a function of integer counts that add up over batches, so a dataset's
-numbers are the same however it is split into batches (padding rows masked out):
+numbers are the same however it is split into batches (padding rows masked out). The names
+are Keras's (``model.compile(metrics=[...])``); the older names stay accepted as aliases
+and are reported under the name asked for:
 
 * the confusion matrix ``[C, C]`` (rows: true class, columns: argmax prediction) gives
   ``accuracy``, and per-class, macro, micro and support-weighted ``precision``, ``recall``
-  and ``f1`` exactly (see :func:`average_scores`);
+  and ``f1_score`` (alias ``f1``) exactly (see :func:`compute`);
 * ``top_<k>`` counts the examples whose label is among the ``k`` largest logits (a label
-  tied with the k-th logit counts as inside), exactly;
-* ``roc_auc`` (one-vs-rest per class, macro mean) comes from per-class histograms of the
+  tied with the k-th logit counts as inside), exactly; Keras's
+  ``sparse_top_k_categorical_accuracy`` is ``top_5``;
+* ``auc`` (alias ``roc_auc``; one-vs-rest ROC per class, macro mean) comes from per-class
+  histograms of the
   scores of positives and negatives, ``roc_bins`` bins over the log-odds
   ``log p_c - log(1 - p_c)`` in ``[-roc_range, roc_range]`` (clipped at the ends). The
   log-odds are a monotone function of the softmax probability, so the AUC of either score
@@ -16,7 +20,7 @@ numbers are the same however it is split into batches (padding rows masked out):
   Pairs of a positive and a negative in different bins are ordered exactly; a pair in the
   same bin is counted as a tie (1/2), so the error is at most half the fraction of pairs
   that share a bin. That bound is computed from the same histograms and returned as
-  ``roc_auc_max_error`` (typically < 1e-3 at the default 4096 bins).
+  ``auc_max_error`` (typically < 1e-3 at the default 4096 bins).
 * ``loss`` is the mean softmax cross-entropy (a float sum: split-independent up to
   float rounding).
 
@@ -25,21 +29,23 @@ sums: each example adds its weight instead of 1 to the confusion matrix, the top
 the ROC histograms (Keras's ``weighted_metrics``, scikit-learn's ``sample_weight``), and the
 loss is Keras's ``sum_over_batch_size`` reduction, ``sum(w * loss) / N``.
 
->>> numbers = fc.metrics.evaluate(state, test_images, test_labels,
-...                               ("accuracy", "top_5", "precision", "recall", "f1",
-...                                "roc_auc", "confusion"))
->>> numbers["f1"], numbers["f1_per_class"], numbers["confusion"]
+>>> numbers = fc.evaluate(state, test_images, test_labels,
+...                       ("accuracy", "top_5", "precision", "recall", "f1_score", "auc",
+...                        "confusion"))
+>>> numbers["f1_score"], numbers["f1_score_per_class"], numbers["confusion"]
 
-In a loop of one's own: ``s = spec(names)``, sum ``stats_fn(logits, labels, mask, spec=s)``
-(or ``stats_fn(logits, labels, mask, weight, spec=s)``) over batches (it jits, scans and
-vmaps), then ``compute(sums, s)``.
+:func:`flaxconv.evaluation.evaluate` (``fc.evaluate``, also ``fc.metrics.evaluate``) is the
+engine that runs these over a dataset. In a loop of one's own: ``s = spec(names)``, sum
+``stats_fn(logits, labels, mask, spec=s)`` (or ``stats_fn(logits, labels, mask, weight,
+spec=s)``) over batches (it jits, scans and vmaps), then ``compute(sums, s)``.
+:func:`compute` also finishes the sums of ``fc.train_step``/``fc.eval_step``.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Sequence
-from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -47,26 +53,57 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flaxconv import epochs as ep
+from flaxconv import _deprecation
 from flaxconv.state import TrainState
 from flaxconv.steps import predict_fn
 
-#: The metric names :func:`spec` accepts; ``top_<k>`` for any k >= 1, and ``precision``,
-#: ``recall``, ``f1`` with an average in the name (``f1_weighted``, ``recall_micro``, ...).
-NAMES = ("loss", "accuracy", "top_<k>", "precision", "recall", "f1",
-         "<precision|recall|f1>_<macro|micro|weighted>", "roc_auc", "confusion")
-_SCORES = ("precision", "recall", "f1")
+#: The metric names :func:`spec` accepts (Keras's); ``top_<k>`` for any k >= 1, and
+#: ``precision``, ``recall``, ``f1_score`` with an average in the name (``f1_score_weighted``,
+#: ``recall_micro``, ...).
+NAMES = ("loss", "accuracy", "top_<k>", "sparse_top_k_categorical_accuracy", "precision",
+         "recall", "f1_score", "<precision|recall|f1_score>_<macro|micro|weighted>", "auc",
+         "confusion")
+#: Older names, still accepted and reported under the name given: name -> Keras's name.
+ALIASES = {"f1": "f1_score", "roc_auc": "auc"}
+#: Keras's name for ``top_5`` (``keras.metrics.SparseTopKCategoricalAccuracy``'s default k).
+_KERAS_TOP_K = {"sparse_top_k_categorical_accuracy": 5}
+_SCORES = ("precision", "recall", "f1")  # the keys of _precision_recall_f1
+_SCORE_OF = {"precision": "precision", "recall": "recall", "f1_score": "f1", "f1": "f1"}
 #: What ``average`` may be: scikit-learn's and Keras's ``F1Score``'s choices.
 AVERAGES = ("macro", "micro", "weighted", None)
-_FIXED = {"loss", "accuracy", *_SCORES, "roc_auc", "confusion"} | {
-    f"{score}_{average}" for score in _SCORES for average in AVERAGES if average
+_FIXED = {"loss", "accuracy", *_SCORE_OF, "auc", "roc_auc", "confusion", *_KERAS_TOP_K} | {
+    f"{score}_{average}" for score in _SCORE_OF for average in AVERAGES if average
 }
+
+
+def _canonical(name: str) -> str:
+    """``name`` in Keras's vocabulary (``f1`` -> ``f1_score``, ``roc_auc`` -> ``auc``)."""
+    return ALIASES.get(name, name)
+
+
+def _top_k_of(name: str) -> int | None:
+    """The k of ``top_<k>`` or ``sparse_top_k_categorical_accuracy``; None otherwise."""
+    if name in _KERAS_TOP_K:
+        return _KERAS_TOP_K[name]
+    match = re.fullmatch(r"top_(\d+)", name)
+    return int(match[1]) if match and int(match[1]) >= 1 else None
+
+
+def _score_average(name: str) -> tuple[str, str | None] | None:
+    """``(score, average)`` for a precision/recall/F1 name (``f1_score_micro`` ->
+    ``("f1", "micro")``; a plain name has average None); None for other names."""
+    for prefix, score in _SCORE_OF.items():
+        if name == prefix:
+            return score, None
+        if name.startswith(prefix + "_") and name[len(prefix) + 1:] in AVERAGES:
+            return score, name[len(prefix) + 1:]
+    return None
 
 
 class Spec(NamedTuple):
     """What :func:`stats_fn` counts and :func:`compute` reports (hashable: a static arg).
 
-    ``average`` is how the plain names ``precision``/``recall``/``f1`` average over
+    ``average`` is how the plain names ``precision``/``recall``/``f1_score`` average over
     classes; ``weighted`` whether sample weights weight the counts or only the loss.
     """
 
@@ -90,11 +127,11 @@ def spec(
 
     Args:
       metrics: names from :data:`NAMES`, or one comma-separated string
-        (``"accuracy,top_5,f1"``).
-      roc_bins: histogram bins per class for ``roc_auc``.
+        (``"accuracy,top_5,f1_score"``).
+      roc_bins: histogram bins per class for ``auc``.
       roc_range: the bins cover log-odds in ``[-roc_range, roc_range]``.
-      average: what ``precision``, ``recall`` and ``f1`` report: ``"macro"``, ``"micro"``,
-        ``"weighted"`` (a float) or None (the per-class array); see :func:`average_scores`.
+      average: what ``precision``, ``recall`` and ``f1_score`` report: ``"macro"``, ``"micro"``,
+        ``"weighted"`` (a float) or None (the per-class array); the averages are scikit-learn's.
         A name with its own average (``f1_micro``) ignores it.
       weighted_metrics: with sample weights, whether they weight every metric (Keras's
         ``weighted_metrics=``) or only the loss (False: Keras's ``metrics=``).
@@ -106,11 +143,14 @@ def spec(
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
     names, top_k = [], []
     for name in metrics:
-        match = re.fullmatch(r"top_(\d+)", name)
-        if match and int(match[1]) >= 1:
-            top_k.append(int(match[1]))
+        k = _top_k_of(name)
+        if k is not None:
+            top_k.append(k)
         elif name not in _FIXED:
-            raise ValueError(f"unknown metric {name!r}; expected some of {list(NAMES)}")
+            raise ValueError(
+                f"unknown metric {name!r}; expected some of {list(NAMES)} (or the older "
+                f"names {sorted(ALIASES)})"
+            )
         if name not in names:
             names.append(name)
     if not isinstance(roc_bins, int) or roc_bins < 2:
@@ -121,7 +161,7 @@ def spec(
         raise ValueError(f"average={average!r}; expected one of {list(AVERAGES)}")
     if not isinstance(weighted_metrics, bool):
         raise ValueError(f"weighted_metrics={weighted_metrics!r}; expected True or False")
-    bins = roc_bins if "roc_auc" in names else 0
+    bins = roc_bins if any(_canonical(n) == "auc" for n in names) else 0
     return Spec(tuple(names), tuple(sorted(set(top_k))), bins, float(roc_range), average,
                 weighted_metrics)
 
@@ -171,7 +211,7 @@ def stats_fn(
     Returns:
       ``count`` int32 (unmasked rows), ``loss_sum`` float32 (weighted by ``weight``),
       ``confusion`` ``[C, C]``, ``top_k`` ``[len(spec.top_k)]`` (correct counts), and with
-      ``roc_auc`` ``roc_pos`` and ``roc_neg`` ``[C, roc_bins]`` (score histograms of each
+      ``auc`` ``roc_pos`` and ``roc_neg`` ``[C, roc_bins]`` (score histograms of each
       class's positives and negatives). These counts are int32, or float32 sums of
       ``weight`` when it is given and ``spec.weighted``; then ``weight_sum`` float32 too.
     """
@@ -211,7 +251,7 @@ def stats_fn(
     return out
 
 
-def precision_recall_f1(confusion: Any) -> dict[str, np.ndarray]:
+def _precision_recall_f1(confusion: Any) -> dict[str, np.ndarray]:
     """Per-class precision, recall and F1 from a confusion matrix (rows true, cols pred).
 
     ``precision_c = TP / (TP + FP)``, ``recall_c = TP / (TP + FN)``,
@@ -234,7 +274,7 @@ def precision_recall_f1(confusion: Any) -> dict[str, np.ndarray]:
     }
 
 
-def average_scores(confusion: Any, average: str | None = "macro") -> dict[str, Any]:
+def _average_scores(confusion: Any, average: str | None = "macro") -> dict[str, Any]:
     """``precision``, ``recall`` and ``f1`` of a confusion matrix, averaged over classes.
 
     Args:
@@ -248,7 +288,7 @@ def average_scores(confusion: Any, average: str | None = "macro") -> dict[str, A
         * ``"micro"``: the ratios of the counts summed over classes,
           ``sum TP / (sum TP + sum FP)`` etc.; with one label per example all three equal
           the accuracy;
-        * None: the per-class float64 ``[C]`` arrays of :func:`precision_recall_f1`.
+        * None: the per-class float64 ``[C]`` arrays of :func:`_precision_recall_f1`.
 
     Returns:
       ``{"precision", "recall", "f1"}``: floats (0.0 when nothing counts), or arrays for
@@ -256,7 +296,7 @@ def average_scores(confusion: Any, average: str | None = "macro") -> dict[str, A
     """
     if average not in AVERAGES:
         raise ValueError(f"average={average!r}; expected one of {list(AVERAGES)}")
-    scores = precision_recall_f1(confusion)
+    scores = _precision_recall_f1(confusion)
     if average is None:
         return {name: scores[name] for name in _SCORES}
     confusion = np.asarray(confusion, np.float64)
@@ -301,70 +341,88 @@ def roc_auc_from_histograms(positives: Any, negatives: Any) -> tuple[np.ndarray,
     return auc, error
 
 
-def compute(sums: dict[str, Any], spec: Spec) -> dict[str, Any]:
-    """The metrics named in ``spec`` from summed :func:`stats_fn` statistics (host side).
+def compute(sums: dict[str, Any], spec: Spec | None = None) -> dict[str, Any]:
+    """The metrics named in ``spec`` from summed statistics (host side): the one finisher.
 
-    Returns plain Python floats for scalars and numpy arrays otherwise: ``loss``,
-    ``accuracy``, ``top_<k>``; ``precision``/``recall``/``f1`` (``spec.average``: macro by
-    default) with ``<name>_per_class`` ``[C]``, and ``<name>_<average>`` as named;
-    ``roc_auc`` (macro over classes with positives and negatives) with
-    ``roc_auc_per_class`` ``[C]`` (NaN where undefined) and ``roc_auc_max_error``;
-    ``confusion`` ``[C, C]`` (int64, or float64 weighted sums); and always ``count``.
+    Args:
+      sums: summed :func:`stats_fn` statistics (:func:`flaxconv.evaluation.evaluate_sums`),
+        or summed ``fc.train_step``/``fc.eval_step`` metrics (``loss_sum``, ``correct``,
+        ``count``, eval_step's ``confusion``). A leading member axis (``count`` of shape
+        ``[K]``: a population) gives every value that axis.
+      spec: from :func:`spec`; None reports ``loss`` and ``accuracy``.
 
-    With weighted counts (``weight_sum`` in ``sums``) accuracy and top-k are fractions of the
-    total weight; ``loss`` is always ``loss_sum / count`` (Keras's ``sum_over_batch_size``).
+    Returns:
+      Plain Python floats for scalars and numpy arrays otherwise, under the names asked
+      for: ``loss``, ``accuracy``, ``top_<k>``; ``precision``/``recall``/``f1_score``
+      (``spec.average``: macro by default) with ``<name>_per_class`` ``[C]``, and
+      ``<name>_<average>`` as named; ``auc`` (macro over classes with positives and
+      negatives) with ``auc_per_class`` ``[C]`` (NaN where undefined) and
+      ``auc_max_error``; ``confusion`` ``[C, C]`` (int64, or float64 weighted sums); and
+      always ``count``. For a population, each is stacked over members (float64 ``[K]``
+      for a scalar).
+
+      With weighted counts (``weight_sum`` in ``sums``) accuracy and top-k are fractions of
+      the total weight; ``loss`` is always ``loss_sum / count`` (Keras's
+      ``sum_over_batch_size``).
+
+    Raises:
+      ValueError: ``sums`` lack what a metric needs (train_step's sums hold no confusion
+        matrix), or have more than one leading axis.
     """
+    spec = _LOSS_ACCURACY if spec is None else spec
     sums = jax.device_get(sums)
+    members = np.ndim(sums["count"])
+    if members > 1:
+        raise ValueError(
+            f"sums['count'] has shape {np.shape(sums['count'])}; expected [] (one model) or "
+            "[K] (a population): sum over steps first"
+        )
+    if members == 1:
+        per_member = [compute(jax.tree.map(lambda x, i=i: x[i], sums), spec)
+                      for i in range(len(sums["count"]))]
+        return {key: np.stack([m[key] for m in per_member]) for key in per_member[0]}
     count = int(sums["count"])
     weighted = "weight_sum" in sums
     n = float(sums["weight_sum"]) if weighted else max(count, 1)
     n = n if n > 0 else 1.0  # nothing counted: the ratios are 0
-    confusion = np.asarray(sums["confusion"], np.float64 if weighted else np.int64)
     out: dict[str, Any] = {"count": count}
-    per_class = precision_recall_f1(confusion)
+    if "confusion" not in sums:
+        needs = [name for name in spec.names if name not in ("loss", "accuracy")]
+        if needs or "correct" not in sums:
+            raise ValueError(
+                f"sums have keys {sorted(sums)}: no confusion matrix for {needs or ['accuracy']}; "
+                "expected the statistics of flaxconv.evaluation.evaluate_sums or eval_step"
+            )
+        for name in spec.names:
+            total = sums["loss_sum"] if name == "loss" else sums["correct"]
+            out[name] = float(total) / max(count, 1)
+        return out
+    confusion = np.asarray(sums["confusion"], np.float64 if weighted else np.int64)
+    per_class = _precision_recall_f1(confusion)
     for name in spec.names:
-        if name == "loss":
-            out["loss"] = float(sums["loss_sum"]) / max(count, 1)
-        elif name == "accuracy":
-            out["accuracy"] = float(np.trace(confusion)) / n
-        elif name.startswith("top_"):
-            out[name] = float(sums["top_k"][spec.top_k.index(int(name[4:]))]) / n
-        elif name in _SCORES:
-            out[name] = average_scores(confusion, spec.average)[name]
-            out[f"{name}_per_class"] = per_class[name]
-        elif name.split("_")[0] in _SCORES:
-            score, average = name.split("_")
-            out[name] = average_scores(confusion, average)[score]
-            out[f"{score}_per_class"] = per_class[score]
-        elif name == "roc_auc":
+        kind, k, score = _canonical(name), _top_k_of(name), _score_average(name)
+        if kind == "loss":
+            out[name] = float(sums["loss_sum"]) / max(count, 1)
+        elif kind == "accuracy":
+            out[name] = float(np.trace(confusion)) / n
+        elif k is not None:
+            out[name] = float(sums["top_k"][spec.top_k.index(k)]) / n
+        elif score is not None:
+            score_name, average = score
+            base = name if average is None else name[: -len(average) - 1]
+            out[name] = _average_scores(confusion, average or spec.average)[score_name]
+            out[f"{base}_per_class"] = per_class[score_name]
+        elif kind == "auc":
             auc, error = roc_auc_from_histograms(sums["roc_pos"], sums["roc_neg"])
             defined = ~np.isnan(auc)
-            out["roc_auc"] = float(auc[defined].mean()) if defined.any() else float("nan")
-            out["roc_auc_per_class"] = auc
-            out["roc_auc_max_error"] = (
+            out[name] = float(auc[defined].mean()) if defined.any() else float("nan")
+            out[f"{name}_per_class"] = auc
+            out[f"{name}_max_error"] = (
                 float(error[defined].mean()) if defined.any() else float("nan")
             )
-        elif name == "confusion":
+        elif kind == "confusion":
             out["confusion"] = confusion
     return out
-
-
-@partial(jax.jit, static_argnames="spec")
-def _evaluate_arrays(state, images, labels, weights, indices, mask, spec):
-    """Summed :func:`stats_fn` of every batch ``indices[s]`` in one ``lax.scan``; pure.
-    ``weights`` is float32 ``[N]`` or None."""
-
-    def batch_stats(idx, m):
-        logits = predict_fn(state, images[idx])
-        weight = None if weights is None else weights[idx]
-        return stats_fn(logits, labels[idx], m, weight, spec=spec)
-
-    def body(total, xs):
-        return jax.tree.map(jnp.add, total, batch_stats(*xs)), None
-
-    first = jax.eval_shape(batch_stats, indices[0], mask[0])
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
-    return jax.lax.scan(body, zeros, (indices, mask))[0]
 
 
 def check_sample_weight(sample_weight: Any, n: int, what: str = "sample_weight") -> np.ndarray:
@@ -387,78 +445,52 @@ def check_sample_weight(sample_weight: Any, n: int, what: str = "sample_weight")
     return weights
 
 
-def num_classes(state: TrainState) -> int:
-    """The width of the model's logits."""
+def _summarize(sums: dict[str, Any]) -> dict[str, Any]:
+    """The old ``fc.summarize``: ``{"loss", "accuracy"}`` of summed step metrics (floats,
+    or ``[K]`` arrays with a member axis), through :func:`compute`. Numbers already
+    finished (``fc.evaluate``'s, which used to return sums) pass through."""
+    out = sums if "loss_sum" not in sums and "correct" not in sums else compute(sums)
+    return {"loss": out["loss"], "accuracy": out["accuracy"]}
+
+
+def model_classes(state: TrainState) -> int:
+    """The width of the model's logits (a population's members share it)."""
     probe = jax.ShapeDtypeStruct((1, *state.input_shape), jnp.float32)
-    return int(jax.eval_shape(predict_fn, state, probe).shape[-1])
+    forward = jax.vmap(predict_fn, in_axes=(0, None)) if np.ndim(state.step) == 1 else predict_fn
+    return int(jax.eval_shape(forward, state, probe).shape[-1])
 
 
-def evaluate(
-    state: TrainState,
-    images: Any,
-    labels: Any,
-    metrics: Sequence[str] | str = ("loss", "accuracy"),
-    *,
-    sample_weight: Any = None,
-    average: str | None = "macro",
-    weighted_metrics: bool = True,
-    batch_size: int = 1000,
-    roc_bins: int = 4096,
-    roc_range: float = 40.0,
-) -> dict[str, Any]:
-    """The ``metrics`` of ``state`` in inference mode on a whole array dataset.
+_LOSS_ACCURACY = spec(("loss", "accuracy"))
 
-    One jitted ``lax.scan`` over fixed-size batches (the last one padded and masked);
-    every example counts exactly once.
+_DEPRECATED: _deprecation.Aliases = {
+    "num_classes": ("flaxconv.metrics.model_classes (flaxconv.data.num_classes is a "
+                    "dataset's)", lambda: model_classes),
+    # Helpers of compute, private now; kept one release.
+    "average_scores": ("flaxconv.metrics.compute (names such as 'f1_score_micro')",
+                       lambda: _average_scores),
+    "precision_recall_f1": ("flaxconv.metrics.compute (the '<name>_per_class' arrays)",
+                            lambda: _precision_recall_f1),
+}
 
-    Args:
-      state: a train state.
-      images: uint8/float ``[N, H, W, C]``, numpy or device arrays.
-      labels: int ``[N]`` in ``[0, num_classes)``.
-      metrics: names from :data:`NAMES` (or a comma-separated string).
-      sample_weight: float ``[N]``, finite and >= 0 (Keras's ``sample_weight``), or None.
-        The loss becomes ``sum(w * loss) / N`` (Keras's ``sum_over_batch_size``) and, with
-        ``weighted_metrics``, every count a sum of weights (see the module docstring).
-      average: how ``precision``/``recall``/``f1`` average over classes (:func:`spec`).
-      weighted_metrics: False weights the loss only (Keras's ``metrics=``).
-      batch_size: examples per scan step.
-      roc_bins, roc_range: the ``roc_auc`` histograms (see the module docstring).
 
-    Returns:
-      See :func:`compute`.
-
-    Raises:
-      ValueError: an unknown metric or average, labels outside the model's classes,
-        mismatched sizes, a sample weight that is negative or not finite (named).
-    """
-    s = spec(metrics, roc_bins=roc_bins, roc_range=roc_range, average=average,
-             weighted_metrics=weighted_metrics)
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    check_labels(labels, num_classes(state))
-    weights = None
-    if sample_weight is not None:
-        weights = jnp.asarray(check_sample_weight(sample_weight, len(labels)))
-    plan = ep.epoch_plan(len(labels), min(batch_size, len(labels)))
-    sums = _evaluate_arrays(
-        state, jnp.asarray(images), jnp.asarray(labels, jnp.int32), weights,
-        plan.indices(None), plan.mask, s,
-    )
-    return compute(sums, s)
+def __getattr__(name: str) -> Any:
+    if name == "evaluate":
+        # The engine that runs this vocabulary is fc.metrics.evaluate too (one object, not
+        # a copy); looked up on use because flaxconv.evaluation imports this module.
+        return importlib.import_module("flaxconv.evaluation").evaluate
+    return _deprecation.resolve(__name__, name, _DEPRECATED)
 
 
 __all__ = [
+    "ALIASES",
     "AVERAGES",
     "NAMES",
     "Spec",
-    "average_scores",
     "check_labels",
     "check_sample_weight",
     "compute",
-    "evaluate",
     "log_odds",
-    "num_classes",
-    "precision_recall_f1",
+    "model_classes",
     "roc_auc_from_histograms",
     "spec",
     "stats_fn",

@@ -26,10 +26,11 @@ Data-parallel training of your own step, with nothing from ``fit``::
     for batch in fc.data.batches(images, labels, batch_size=512, shuffle=True):
         state, metrics = step(state, fc.parallel.shard_batch(batch, mesh))
 
-``fc.fit`` does this by itself for array data (:func:`place_for_fit`): it replicates the
-state and the data over the devices of the state's mesh (all devices unless the caller
-placed the state with :func:`replicate`), and splits the index array of every step of its
-``lax.scan`` epoch on ``"data"`` (:func:`epoch_plan`). The gather ``images[idx]`` of a
+``fc.fit`` does this by itself for array data (:func:`flaxconv.epochs.place_for_fit`): it
+replicates the state and the data over the devices of the state's mesh (all devices unless
+the caller placed the state with :func:`replicate`), and splits the index array of every
+step of its ``lax.scan`` epoch on ``"data"`` (``flaxconv.epochs.epoch_plan(..., mesh=)``),
+in the data order of :func:`flaxconv.epochs.epoch_order`. The gather ``images[idx]`` of a
 replicated dataset by split indices is itself split, so each device gathers and trains on
 its own rows and no image crosses devices. To train on fewer devices (one, say)::
 
@@ -61,16 +62,13 @@ directory must be on a file system that every process sees.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from flaxconv.epochs import EpochPlan
-from flaxconv.epochs import epoch_plan as _single_device_plan
-from flaxconv.state import TrainState
 
 #: Name of the mesh axis that batches are split over.
 DATA = "data"
@@ -196,67 +194,6 @@ def _check_leading(tree: Any, d: int, what: str) -> None:
                 f"batch{jax.tree_util.keystr(path)} has shape {shape}; expected a leading "
                 f"(batch) size that splits evenly over the {d} {what}"
             )
-
-
-# --------------------------------------------------------------------------- fit's fast path
-
-
-class DataParallelPlan(EpochPlan):
-    """An :class:`~flaxconv.epochs.EpochPlan` whose ``mask`` and ``indices`` are split on
-    their batch axis over the mesh (``P(None, "data")``).
-
-    Handed to ``flaxconv.epochs.train_epoch`` with a replicated state and dataset, step
-    ``s`` of the scan gathers ``images[indices[s]]`` with split indices, so each device
-    gathers and trains on its own ``B / D`` rows; the data order is the single-device one.
-    """
-
-    __slots__ = ()
-
-    def indices(self, key: jax.Array | None) -> jax.Array:
-        """As :meth:`EpochPlan.indices`, placed like ``mask``."""
-        return jax.device_put(super().indices(key), self.mask.sharding)
-
-
-def epoch_plan(
-    num_examples: int,
-    batch_size: int,
-    mesh: Mesh | None = None,
-    drop_remainder: bool = False,
-    axis: str = DATA,
-) -> DataParallelPlan:
-    """:func:`flaxconv.epochs.epoch_plan` with its batches split over ``axis`` of ``mesh``.
-
-    Raises:
-      ValueError: ``batch_size`` does not split evenly over the axis (or is not positive).
-    """
-    mesh = data_mesh() if mesh is None else mesh
-    plan = _single_device_plan(num_examples, batch_size, drop_remainder)
-    check_batch_size(plan.batch_size, mesh, axis)
-    split = NamedSharding(mesh, PartitionSpec(None, axis))
-    return DataParallelPlan(*plan[:3], _put(np.asarray(plan.mask), split))
-
-
-def place_for_fit(
-    state: TrainState, images: Any, labels: Any, batch_size: int
-) -> tuple[TrainState, jax.Array, jax.Array, DataParallelPlan]:
-    """What ``fit`` trains on with array data: replicated state and dataset, split plan.
-
-    The mesh is the one ``state`` is already placed on (see :func:`replicate`) when it has
-    a ``"data"`` axis, else :func:`data_mesh` over all devices.
-
-    Returns:
-      ``(state, images, labels, plan)``: ``images`` as given (uint8 stays uint8),
-      ``labels`` int32, both replicated; ``plan`` a :class:`DataParallelPlan`.
-
-    Raises:
-      ValueError: ``batch_size`` does not split evenly over the mesh's devices.
-    """
-    mesh = mesh_of(state.params) or data_mesh()
-    plan = epoch_plan(len(labels), batch_size, mesh)
-    state = replicate(state, mesh)
-    images = replicate(images if isinstance(images, jax.Array) else np.asarray(images), mesh)
-    labels = replicate(np.asarray(labels, np.int32), mesh)
-    return state, images, labels, plan
 
 
 # --------------------------------------------------------------------------- multi-host
@@ -403,7 +340,8 @@ def process_batches(
       ``{"image", "label", "mask"}`` global arrays of ``batch_size`` rows split over the
       mesh; padding rows of the last batch have ``mask == False``.
     """
-    from flaxconv.data import batches
+    # flaxconv.epochs builds its sharded plan on this module: imported late, no cycle
+    from flaxconv.epochs.order import epoch_order, pad_batch
 
     mesh = data_mesh() if mesh is None else mesh
     check_batch_size(batch_size, mesh)
@@ -414,35 +352,26 @@ def process_batches(
             f"batch_size={batch_size} does not split evenly over {p} processes; expected a "
             f"multiple of {p}"
         )
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    order = epoch_order(seed, epoch, n) if shuffle else np.arange(n)
     steps = -(-n // batch_size)
     order = np.concatenate([order, np.full(steps * batch_size - n, -1)])
     local = batch_size // p
     for rows in order.reshape(steps, p, local)[:, i]:
         take = rows[rows >= 0]  # padding (-1) sits at the end of the last global batch
-        if take.size:
-            (part,) = batches(np.asarray(images[take]), np.asarray(labels[take]), local)
-        else:  # this process's rows of the last batch are all padding
-            part = {
-                "image": np.zeros((local, *np.shape(images)[1:]), np.asarray(images[:1]).dtype),
-                "label": np.zeros((local,), np.int32),
-                "mask": np.zeros((local,), bool),
-            }
+        part = pad_batch({"image": images[take], "label": np.asarray(labels[take], np.int32)},
+                         local)
         yield global_batch(part, mesh)
 
 
 __all__ = [
     "DATA",
-    "DataParallelPlan",
     "axis_size",
     "check_batch_size",
     "data_mesh",
     "data_sharding",
-    "epoch_plan",
     "global_batch",
     "initialize",
     "mesh_of",
-    "place_for_fit",
     "process_batches",
     "process_share",
     "process_slice",
@@ -450,3 +379,27 @@ __all__ = [
     "replicated",
     "shard_batch",
 ]
+
+
+# Moved to flaxconv.epochs (the one epoch module); kept one release as deprecated aliases.
+_MOVED = ("DataParallelPlan", "epoch_plan", "place_for_fit")
+
+
+def _deprecated_epoch_plan(num_examples, batch_size, mesh=None, drop_remainder=False,
+                           axis=DATA):
+    """Deprecated: ``flaxconv.epochs.epoch_plan(..., mesh=mesh)``."""
+    from flaxconv import epochs
+
+    mesh = data_mesh() if mesh is None else mesh
+    return epochs.epoch_plan(num_examples, batch_size, drop_remainder, mesh=mesh, axis=axis)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MOVED:
+        raise AttributeError(f"module 'flaxconv.parallel' has no attribute {name!r}")
+    from flaxconv import epochs
+
+    new = "epoch_plan(..., mesh=mesh)" if name == "epoch_plan" else name
+    warnings.warn(f"flaxconv.parallel.{name} is deprecated; use flaxconv.epochs.{new}",
+                  DeprecationWarning, stacklevel=2)
+    return _deprecated_epoch_plan if name == "epoch_plan" else getattr(epochs, name)

@@ -14,13 +14,15 @@ the one compiled epoch instead (``vmap_size``, :func:`resolve_vmap_size`).
 >>> states = create_population(keys_from_seeds(range(8)), model, tx, images[:1],
 ...                            learning_rates=np.geomspace(1e-4, 1e-2, 8))
 >>> plan = fc.epochs.epoch_plan(len(labels), batch_size=64)
->>> order = population_indices(plan, jax.random.split(key, 8))    # [8, S, B]: one per member
+>>> order = population_indices(plan, order_seeds(states), epoch=0)  # [8, S, B]: fit's orders
 >>> states, sums = train_population_epoch(states, images, labels, order, plan.mask)
->>> print(population_table(evaluate_population(states, test_images, test_labels)))
+>>> print(population_table(fc.evaluate(states, test_images, test_labels)))  # per member
 >>> probs = ensemble_predict(states, test_images[:100])         # mean of member softmaxes
 
-With ``jax.vmap(flaxconv.fit.data_order_key, in_axes=(0, None))(states, epoch)`` as the
-keys, each member sees the data order ``fc.fit`` would give it, so member ``i`` ends where
+With ``population_indices(plan, order_seeds(states), epoch)`` (or, the same, the keys
+``jax.vmap(flaxconv.epochs.data_order_key, in_axes=(0, None))(states, epoch)``), each member
+sees the data order ``fc.fit`` would give it (:func:`flaxconv.epochs.epoch_order` of its own
+seed), so member ``i`` ends where
 ``fc.fit`` of its seed and learning rate does (``experiments/mnist_sweep.py`` does this).
 
 The member axis can be placed across devices (:func:`shard_population`): with D devices
@@ -33,7 +35,6 @@ Also here, because it is the same trick with the batch axis instead of the membe
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,10 +45,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flaxconv import optim, parallel
-from flaxconv.epochs import EpochPlan, epoch_plan, evaluate_fn, sum_over_batches, train_epoch_fn
+from flaxconv import _deprecation, evaluation, optim, parallel
+from flaxconv import metrics as metrics_lib
+from flaxconv.epochs import EpochPlan, epoch_order, order_seed, train_epoch_fn
+from flaxconv.evaluation import ensemble_log_probs, ensemble_log_probs_fn
 from flaxconv.state import TrainState, create_train_state
-from flaxconv.steps import Batch, Metrics, check_batch, loss_fn, predict_fn, summarize
+from flaxconv.steps import Batch, Metrics, check_batch, loss_fn, predict_fn
 
 #: Name of the mesh axis that :func:`shard_population` splits the members over.
 MEMBERS = "members"
@@ -242,24 +245,41 @@ def stack_members(members: Sequence[TrainState]) -> TrainState:
 # --------------------------------------------------------------------------- training
 
 
-def population_indices(plan: EpochPlan, key: jax.Array | None) -> jax.Array:
-    """The example order of one population epoch.
+def order_seeds(states: TrainState) -> list[int]:
+    """Each member's data-order seed, :func:`flaxconv.epochs.order_seed` of its rng: the
+    seed ``fc.fit`` would shuffle that member's data with."""
+    return [int(seed) for seed in np.asarray(jax.vmap(order_seed)(states))]
+
+
+def population_indices(plan: EpochPlan, order: Any, epoch: int = 0) -> jax.Array:
+    """The example order of one population epoch, from :func:`flaxconv.epochs.epoch_order`.
 
     Args:
       plan: from :func:`flaxconv.epochs.epoch_plan`.
-      key: one key → every member sees the same batches, int32 ``[S, B]``; a ``[K]`` batch
-        of keys → member ``i`` gets its own permutation ``plan.indices(key[i])``, int32
-        ``[K, S, B]``; None → natural order ``[S, B]``.
+      order: None → the natural order, int32 ``[S, B]``; one int seed or one PRNG key →
+        every member sees the same batches, ``[S, B]``; a sequence of K int seeds (e.g.
+        :func:`order_seeds`) or a ``[K]`` batch of keys → member ``i`` gets its own
+        permutation, int32 ``[K, S, B]``. A seed ``s`` gives ``epoch_order(s, epoch, N)``,
+        a key :func:`flaxconv.epochs.key_order` of it (``epoch`` unused: a key carries it).
+      epoch: the epoch, a non-negative int, for seeds.
+
+    Computed on the host (numpy), not traced.
     """
-    if key is None:
+    if order is None:
         return plan.indices(None)
-    if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
-    if key.ndim == 0:
-        return plan.indices(key)
-    if key.ndim != 1:
-        raise ValueError(f"key has shape {key.shape}; expected one key or a [K] batch of keys")
-    return jax.vmap(plan.indices)(key)
+    n = plan.num_examples
+    if isinstance(order, int | np.integer):
+        return plan.indices(epoch_order(order, epoch, n))
+    legacy = isinstance(order, jax.Array) and order.dtype == jnp.uint32 and (
+        order.shape[-1:] == (2,))  # raw key data, jax.random.PRNGKey's [2] or [K, 2]
+    if legacy or isinstance(order, jax.Array) and jnp.issubdtype(order.dtype,
+                                                                  jax.dtypes.prng_key):
+        keys = jax.random.wrap_key_data(order) if legacy else order
+        if keys.ndim > 1:
+            raise ValueError(f"order has keys of shape {keys.shape}; expected one key or [K]")
+        return plan.indices(keys) if keys.ndim == 0 else jnp.stack(
+            [plan.indices(key) for key in keys])
+    return jnp.stack([plan.indices(epoch_order(seed, epoch, n)) for seed in order])
 
 
 def train_population_epoch_fn(
@@ -345,49 +365,8 @@ def train_population_epoch(
 
 
 # --------------------------------------------------------------------------- evaluation
-
-
-@jax.jit
-def _evaluate_population(states, images, labels, indices, mask):
-    return jax.vmap(evaluate_fn, in_axes=(0, None, None, None, None))(
-        states, images, labels, indices, mask
-    )
-
-
-def evaluate_population(
-    states: TrainState, images: Any, labels: Any, batch_size: int = 500
-) -> Metrics:
-    """Exact metric sums of every member on an array dataset.
-
-    The dataset is scanned in batches of ``batch_size`` (the last one padded and
-    masked), all members at once per batch: memory grows as ``K * batch_size``
-    activations, so keep ``batch_size`` at a few hundred for tens of members.
-
-    Args:
-      states: a population of K members.
-      images: uint8/float ``[N, H, W, C]``; labels: int ``[N]`` (numpy or device arrays).
-      batch_size: examples per evaluation step.
-
-    Returns:
-      ``{"loss_sum", "correct", "count"}`` each float32 ``[K]`` and ``"confusion"``
-      ``[K, C, C]``; ``fc.summarize`` turns them into per-member loss/accuracy arrays.
-    """
-    num_members(states)
-    plan = epoch_plan(len(labels), min(batch_size, len(labels)))
-    return _evaluate_population(
-        states, jnp.asarray(images), jnp.asarray(labels, jnp.int32), plan.indices(None), plan.mask
-    )
-
-
-def ensemble_log_probs_fn(states: TrainState, images: jax.Array) -> jax.Array:
-    """``log(mean_k softmax(logits_k))``, float32 ``[B, C]``; pure.
-
-    Computed as ``logsumexp_k(log_softmax(logits_k)) - log K`` so that a class every
-    member finds unlikely still has a finite log-probability.
-    """
-    k = num_members(states)
-    logits = jax.vmap(predict_fn, in_axes=(0, None))(states, images)
-    return jax.nn.logsumexp(jax.nn.log_softmax(logits, -1), axis=0) - math.log(k)
+# ``fc.evaluate(states, ...)`` evaluates each member, ``ensemble=True`` the ensemble
+# (flaxconv.evaluation); ``ensemble_log_probs_fn`` is that module's.
 
 
 def ensemble_predict_fn(states: TrainState, images: jax.Array) -> jax.Array:
@@ -409,58 +388,18 @@ def ensemble_predict_fn(states: TrainState, images: jax.Array) -> jax.Array:
 ensemble_predict = jax.jit(ensemble_predict_fn)
 
 
-def ensemble_evaluate_fn(
-    states: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, mask: jax.Array
-) -> Metrics:
-    """Summed metrics of the ensemble (mean of member softmaxes) over batches; pure.
-
-    Same arguments as :func:`flaxconv.epochs.evaluate_fn`. The loss is the negative
-    log-likelihood of the ensemble's probabilities, the prediction their argmax.
-    """
-
-    def batch_sums(batch):
-        imgs, lbls, msk = check_batch(states, batch)
-        log_probs = ensemble_log_probs_fn(states, imgs)
-        losses = -jnp.take_along_axis(log_probs, lbls[:, None], axis=-1)[:, 0]
-        correct = (jnp.argmax(log_probs, -1) == lbls).astype(jnp.float32)
-        return {
-            "loss_sum": jnp.sum(losses * msk),
-            "correct": jnp.sum(correct * msk),
-            "count": jnp.sum(msk),
-        }
-
-    return sum_over_batches(batch_sums, images, labels, indices, mask)
-
-
-_ensemble_evaluate = jax.jit(ensemble_evaluate_fn)
-
-
-def ensemble_evaluate(
-    states: TrainState, images: Any, labels: Any, batch_size: int = 500
-) -> Metrics:
-    """Exact metric sums of the ensemble on an array dataset, in batches.
-
-    Returns ``{"loss_sum", "correct", "count"}`` (float32 scalars);
-    ``fc.summarize(...)["accuracy"]`` is the ensemble's accuracy over all ``N`` examples.
-    """
-    num_members(states)
-    plan = epoch_plan(len(labels), min(batch_size, len(labels)))
-    return _ensemble_evaluate(
-        states, jnp.asarray(images), jnp.asarray(labels, jnp.int32), plan.indices(None), plan.mask
-    )
-
-
 # --------------------------------------------------------------------------- reporting
 
 
 def _per_member(metrics: dict[str, Any]) -> dict[str, np.ndarray]:
-    """``{"loss": [K], "accuracy": [K]}`` from summed or already summarized metrics."""
-    if "count" in metrics:
-        metrics = summarize(metrics)
+    """``{"loss": [K], "accuracy": [K]}`` from summed or already finished metrics."""
+    if "loss_sum" in metrics:
+        metrics = metrics_lib.compute(metrics)
     if "accuracy" not in metrics or "loss" not in metrics:
         raise ValueError(
             f"metrics has keys {sorted(metrics)}; expected metric sums (loss_sum, correct, "
-            "count) with a member axis, or summarized loss and accuracy per member"
+            "count) with a member axis, or finished loss and accuracy per member "
+            "(fc.evaluate of a population)"
         )
     out = {k: np.atleast_1d(np.asarray(metrics[k], np.float64)) for k in ("loss", "accuracy")}
     if out["loss"].ndim != 1 or out["loss"].shape != out["accuracy"].shape:
@@ -474,7 +413,8 @@ def _per_member(metrics: dict[str, Any]) -> dict[str, np.ndarray]:
 def best_member(metrics: dict[str, Any], by: str = "accuracy") -> int:
     """Index of the best member: highest ``accuracy`` or lowest ``loss``; ties → lowest index.
 
-    ``metrics`` are per-member sums (:func:`evaluate_population`) or their ``summarize``.
+    ``metrics`` are per-member numbers (``fc.evaluate(states, ...)``) or metric sums with
+    a member axis (``fc.train_step``'s, summed over steps).
     """
     if by not in ("accuracy", "loss"):
         raise ValueError(f"by={by!r}; expected 'accuracy' or 'loss'")
@@ -497,8 +437,8 @@ def population_table(
     """A printable per-member table and a ``mean ± std`` line over the members.
 
     Args:
-      member_metrics: per-member metric sums (:func:`evaluate_population`) or their
-        ``fc.summarize`` (``loss`` and ``accuracy``, ``[K]`` each).
+      member_metrics: per-member numbers (``fc.evaluate(states, ...)``: ``loss`` and
+        ``accuracy``, ``[K]`` each) or metric sums with a member axis.
       learning_rates, seeds: K values each, shown per member (``-`` when None).
 
     Returns:
@@ -585,7 +525,7 @@ def shard_population(states: TrainState, mesh: Mesh | None = None) -> TrainState
     Every leaf gets ``NamedSharding(mesh, PartitionSpec("members"))``: with D devices on
     that axis, each holds K/D whole members and trains them with the same jitted code
     (``train_population_epoch`` etc.); members never communicate, so no collectives run.
-    Shared data is best placed once with :func:`replicate`.
+    Shared data is best placed once with :func:`replicate_data`.
 
     Args:
       states: a population of K members.
@@ -607,29 +547,57 @@ def shard_population(states: TrainState, mesh: Mesh | None = None) -> TrainState
     return jax.device_put(states, NamedSharding(mesh, PartitionSpec(MEMBERS)))
 
 
-def replicate(tree: Any, mesh: Mesh | None = None) -> Any:
-    """``tree`` copied whole onto every device of ``mesh`` (the shared data of a population)."""
+def replicate_data(tree: Any, mesh: Mesh | None = None) -> Any:
+    """``tree`` copied whole onto every device of ``mesh`` (default :func:`population_mesh`):
+    the data all members share. ``fc.parallel.replicate`` with the population's mesh."""
     return parallel.replicate(tree, population_mesh() if mesh is None else mesh)
+
+
+def _evaluate_population(states, images, labels, batch_size: int = 500) -> Metrics:
+    """The old raw-sum evaluation of each member: eval_step's sums with a member axis."""
+    num_members(states)
+    return evaluation._legacy_evaluate(states, images, labels, batch_size)
+
+
+def _ensemble_evaluate(states, images, labels, batch_size: int = 500) -> Metrics:
+    """The old raw-sum evaluation of the ensemble: ``loss_sum``, ``correct``, ``count``."""
+    num_members(states)
+    return evaluation._legacy_evaluate(states, images, labels, batch_size, ensemble=True)
+
+
+_DEPRECATED: _deprecation.Aliases = {
+    "evaluate_population": ("fc.evaluate(states, images, labels) (finished numbers per "
+                            "member)", lambda: _evaluate_population),
+    "ensemble_evaluate": ("fc.evaluate(states, images, labels, ensemble=True)",
+                          lambda: _ensemble_evaluate),
+    "ensemble_evaluate_fn": ("flaxconv.evaluation.evaluate_sums_fn(..., ensemble=True)",
+                             lambda: evaluation._legacy_ensemble_sums_fn),
+    "replicate": ("flaxconv.population.replicate_data (flaxconv.parallel.replicate "
+                  "defaults to the data mesh)", lambda: replicate_data),
+}
+
+
+def __getattr__(name: str) -> Any:
+    return _deprecation.resolve(__name__, name, _DEPRECATED)
 
 
 __all__ = [
     "MEMBERS",
     "create_population",
     "best_member",
-    "ensemble_evaluate",
-    "ensemble_evaluate_fn",
+    "ensemble_log_probs",
     "ensemble_log_probs_fn",
     "ensemble_predict",
     "ensemble_predict_fn",
-    "evaluate_population",
     "keys_from_seeds",
     "num_members",
     "per_example_grads",
     "per_example_grads_fn",
+    "order_seeds",
     "population_indices",
     "population_mesh",
     "population_table",
-    "replicate",
+    "replicate_data",
     "select_member",
     "set_learning_rates",
     "shard_population",

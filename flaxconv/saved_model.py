@@ -537,7 +537,7 @@ def save_model(
     arrays = [_host(leaf, _name(p)) for p, leaf in entries]
     index = [{"path": list(p), "shape": list(a.shape), "dtype": a.dtype.name}
              for (p, _), a in zip(entries, arrays, strict=True)]
-    num_classes = metrics.num_classes(state)
+    num_classes = metrics.model_classes(state)
     if class_names is not None:
         class_names = [str(c) for c in class_names]
         if len(class_names) != num_classes:

@@ -8,14 +8,14 @@ A batch is a dict::
      "weight": float[B]}                    # optional; Keras's sample_weight (see loss_fn)
 
 Metrics come back as sums over the batch, so dataset-level numbers are exact sums over
-batches (see :func:`summarize`):
+batches (``flaxconv.metrics.compute(sums)`` finishes them into loss and accuracy):
 
     {"loss_sum": f32[], "correct": f32[], "count": f32[],     # eval_step adds "confusion"
      "invalid_labels": f32[]}
 
 A label outside ``[0, num_classes)`` is never trained on silently: the update is the mean
 over the other examples, the batch's ``loss_sum`` is NaN (``fc.fit`` would stop on it), and
-``invalid_labels`` counts such examples. ``fc.fit`` and ``fc.metrics.evaluate`` refuse them
+``invalid_labels`` counts such examples. ``fc.fit`` and ``fc.evaluate`` refuse them
 before any step, naming a bad value.
 
 ``train_step``, ``eval_step`` and ``predict`` are ``jax.jit``-ed and do not donate their
@@ -30,6 +30,7 @@ chosen by ``state.kernels``.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import jax
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flaxconv import kernels
+from flaxconv import _deprecation, kernels
 from flaxconv.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -263,20 +264,18 @@ eval_step = jax.jit(eval_step_fn)
 predict = jax.jit(predict_fn)
 
 
-def summarize(sums: Metrics) -> dict[str, float]:
-    """Dataset-level numbers from summed metrics: ``loss`` and ``accuracy`` (plain floats).
-
-    ``sums`` is a (sum of) ``train_step``/``eval_step`` metrics; a leading population axis
-    is allowed, then each value is a numpy array with one entry per member.
-    """
-    count = np.maximum(np.asarray(sums["count"], np.float64), 1.0)
-    out = {
-        "loss": np.asarray(sums["loss_sum"], np.float64) / count,
-        "accuracy": np.asarray(sums["correct"], np.float64) / count,
-    }
-    return {k: (float(v) if np.ndim(v) == 0 else v) for k, v in out.items()}
-
-
 def add_metrics(a: Metrics | None, b: Metrics) -> Metrics:
     """Elementwise sum of two metric-sum dicts (``a`` may be None)."""
     return b if a is None else jax.tree.map(jnp.add, a, b)
+
+
+# Kept one release: summed step metrics are finished by flaxconv.metrics.compute (the one
+# finisher, which fc.evaluate uses too); fc.summary is the model table.
+_DEPRECATED: _deprecation.Aliases = {
+    "summarize": ("flaxconv.metrics.compute(sums) (or fc.evaluate for a dataset)",
+                  lambda: importlib.import_module("flaxconv.metrics")._summarize),
+}
+
+
+def __getattr__(name: str) -> Any:
+    return _deprecation.resolve(__name__, name, _DEPRECATED)

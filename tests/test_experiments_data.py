@@ -8,10 +8,14 @@ import json
 import os
 from pathlib import Path
 
+import jax
+import ml_collections
 import numpy as np
 import pytest
+from tiny_data import pixel_dataset
 
-from flaxconv import data
+import flaxconv as fc
+from flaxconv import data, experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA_DIR = os.environ.get(data.DATA_DIR_ENV)
@@ -165,3 +169,55 @@ def test_fashion_experiment_end_to_end(tmp_path, capsys):
     assert results["num_params"] != results["baseline"]["num_params"]
     table = capsys.readouterr().out
     assert "fashion_cnn" in table and "dense" in table and "test_accuracy" in table
+
+
+# --------------------------------------------------------------- experiments as configs
+
+
+EXPERIMENTS = ("mnist_convnet", "fashion_mnist_cnn", "sign_language_cnn", "finetune",
+               "mnist_sweep")
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_is_a_config_read_by_the_shared_flag_parser(name, tmp_path):
+    module = _experiment(name)
+    config = module.get_config()
+    assert isinstance(config, ml_collections.ConfigDict)
+    assert "argparse" not in (ROOT / "experiments" / f"{name}.py").read_text()  # one CLI
+    flags = ["--workdir", str(tmp_path), "--batch-size", "32"]
+    # The sweep resolves its per-member lists as it parses.
+    parsed = (module.parse_flags(flags) if name == "mnist_sweep"
+              else experiment.parse_flags(config, flags, module.__doc__))
+    assert parsed.workdir == str(tmp_path) and parsed.batch_size == 32
+    untouched = {k: v for k, v in parsed.items() if k not in ("workdir", "batch_size")}
+    if name == "mnist_sweep":
+        assert untouched["num_models"] == 4 and untouched["seeds"] == [0, 1, 2, 3]
+        assert untouched["learning_rates"] == [1e-3] * 4
+    else:
+        assert untouched == {k: v for k, v in config.items() if k in untouched}
+
+
+def test_train_steps_is_what_fit_takes_after_its_validation_split():
+    config = experiment.default_config(epochs=2, batch_size=4, validation_split=0.1)
+    datasets = experiment.Datasets(pixel_dataset(85, 3), pixel_dataset(8, 3), 3)
+    # Keras's floor keeps 76 of 85 for training (19 steps); rounding the split would keep 77.
+    assert experiment.train_steps(config, datasets) == 2 * 19
+    model = fc.models.get("dense", num_classes=3, hidden=(8,))
+    state = fc.create_train_state(jax.random.key(0), model, fc.optim.make("adam"),
+                                  datasets.train[0][:1])
+    state, _ = fc.fit(state, datasets.train, config.epochs, batch_size=config.batch_size,
+                      validation_split=config.validation_split, verbose="silent")
+    assert int(state.step) == experiment.train_steps(config, datasets)
+    given = datasets._replace(validation=pixel_dataset(8, 3))  # no split is cut then
+    assert experiment.train_steps(config, given) == 2 * 22
+
+
+def test_a_config_adds_and_replaces_keys_and_train_examples_must_exist(monkeypatch):
+    config = experiment.default_config(optimizer="adam", patience=5, train_examples=100)
+    assert config.optimizer == "adam" and config.patience == 5 and config.epochs == 5
+    monkeypatch.setattr(data, "load", lambda name, split, source: pixel_dataset(64, 3))
+    with pytest.raises(ValueError, match=r"^train_examples=100 is more than the 64 training "
+                                         r"examples of mnist$"):
+        experiment.load_datasets(config)
+    config.train_examples = 64
+    assert len(experiment.load_datasets(config).train[1]) == 64

@@ -1,6 +1,8 @@
 """Fine-tuning: freezing by layer name, frozen BatchNorm, partial restore from checkpoints."""
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -195,3 +197,27 @@ def test_fit_checkpoints_and_resumes_a_frozen_state(tmp_path):
     straight, _ = run(fresh(), epochs=2)
     assert finetune.changed_layers(resumed, straight) == []
     assert finetune.changed_layers(make_state(), resumed) == ["head"]
+
+
+def _finetune_experiment():
+    path = Path(__file__).resolve().parents[1] / "experiments" / "finetune.py"
+    spec = importlib.util.spec_from_file_location("finetune_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "4294967296"], "error: seed=4294967296; expected an integer from 0 to 4294967295"),
+    (["--train-examples", "-5"], "error: train_examples=-5; expected 0 (the whole training"),
+])
+def test_finetune_experiment_checks_its_flags_before_any_data_or_workdir(
+    tmp_path, capsys, flags, message
+):
+    module = _finetune_experiment()
+    workdir = tmp_path / "run"
+    argv = ["--workdir", str(workdir), "--target", "no_such_target", *flags]
+    assert module.cli(module.get_config(), "", argv, run=module.run) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(message)
+    assert not workdir.exists()

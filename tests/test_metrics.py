@@ -172,8 +172,9 @@ def test_evaluate_on_a_model_equals_the_metrics_of_its_logits():
 def test_bad_names_and_labels_are_rejected():
     with pytest.raises(ValueError, match="unknown metric 'top_0'"):
         metrics.spec(["top_0"])
-    with pytest.raises(ValueError, match="unknown metric 'auc'.*'roc_auc'"):
-        metrics.spec("accuracy,auc")
+    # "auc" is Keras's name now (roc_auc its alias); a misspelling lists both vocabularies.
+    with pytest.raises(ValueError, match="unknown metric 'roc'.*'auc'.*'roc_auc'"):
+        metrics.spec("accuracy,roc")
     with pytest.raises(ValueError, match=r"outside \[0, 5\), e.g. 9"):
         metrics.evaluate(_state(), np.zeros((3, 6, 6, 1), np.uint8), np.array([0, 9, 1]))
     assert metrics.spec("accuracy, top_5,top_5").names == ("accuracy", "top_5")
@@ -255,3 +256,48 @@ def test_average_and_weight_errors_name_the_value():
         metrics.evaluate(_state(), images, labels, sample_weight=[1.0, -1.0, 1.0])
     with pytest.raises(ValueError, match=r"sample_weight is float64\[2\]; .* shape \[3\]"):
         metrics.evaluate(_state(), images, labels, sample_weight=np.ones(2))
+
+
+# ----------------------------------------------------------------- Keras's names, the finisher
+
+
+def test_keras_names_and_their_aliases_report_the_same_numbers():
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (41, 6, 6, 1), dtype=np.uint8)
+    labels = rng.integers(0, 5, 41).astype(np.int32)
+    names = ("f1_score", "f1", "f1_score_micro", "f1_micro", "auc", "roc_auc",
+             "sparse_top_k_categorical_accuracy", "top_5", "top_2", "precision", "recall")
+    got = fc.evaluate(_state(), images, labels, names, batch_size=16)
+    assert fc.evaluate is metrics.evaluate  # one engine, one object
+    ref = reference(np.asarray(fc.predict(_state(), images)), labels)
+    assert got["f1_score"] == got["f1"] == pytest.approx(ref["macro"]["f1"], abs=1e-12)
+    np.testing.assert_array_equal(got["f1_score_per_class"], got["f1_per_class"])
+    assert got["f1_score_micro"] == got["f1_micro"] == pytest.approx(ref["accuracy"])
+    assert got["auc"] == got["roc_auc"] and got["auc_max_error"] == got["roc_auc_max_error"]
+    np.testing.assert_array_equal(got["auc_per_class"], got["roc_auc_per_class"])
+    # Keras's SparseTopKCategoricalAccuracy defaults to k=5: with 5 classes, every label.
+    assert got["sparse_top_k_categorical_accuracy"] == got["top_5"] == 1.0
+    assert got["top_2"] < 1.0
+    assert set(metrics.ALIASES) == {"f1", "roc_auc"}
+
+
+def test_compute_finishes_step_sums_and_refuses_what_they_cannot_give():
+    rng = np.random.default_rng(4)
+    batch = {"image": rng.integers(0, 256, (20, 6, 6, 1), dtype=np.uint8),
+             "label": rng.integers(0, 5, 20).astype(np.int32)}
+    eval_sums = fc.eval_step(_state(), batch)
+    engine = fc.evaluate(_state(), batch["image"], batch["label"], ("loss", "accuracy", "f1_score"))
+    finished = metrics.compute(eval_sums, metrics.spec(("loss", "accuracy", "f1_score")))
+    for name in ("loss", "accuracy", "f1_score"):
+        assert finished[name] == pytest.approx(engine[name], rel=1e-6)
+    assert metrics.compute(eval_sums).keys() == {"count", "loss", "accuracy"}
+    # train_step's sums hold no confusion matrix: loss and accuracy only.
+    train_sums = fc.train_step(_state(), batch)[1]
+    assert metrics.compute(train_sums)["accuracy"] == float(train_sums["correct"]) / 20
+    with pytest.raises(ValueError, match=r"no confusion matrix for \['f1_score'\]"):
+        metrics.compute(train_sums, metrics.spec("f1_score"))
+    # A member axis: each value per member; a second axis is refused.
+    stacked = jax.tree.map(lambda x: np.stack([x, x]), eval_sums)
+    np.testing.assert_array_equal(metrics.compute(stacked)["loss"], [finished["loss"]] * 2)
+    with pytest.raises(ValueError, match=r"sums\['count'\] has shape \(2, 2\)"):
+        metrics.compute(jax.tree.map(lambda x: np.stack([x, x]), stacked))

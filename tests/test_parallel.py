@@ -89,7 +89,7 @@ def check_each_device_gathers_and_trains_on_its_rows():
 
     def compiled(devices):
         state = on(devices, new_state())
-        state, x, y, plan = parallel.place_for_fit(state, images, labels, BATCH)
+        state, x, y, plan = ep.place_for_fit(state, images, labels, BATCH)
         indices = plan.indices(jax.random.key(1))
         assert indices.sharding.spec == jax.sharding.PartitionSpec(None, "data")
         return ep.train_epoch.lower(state, x, y, indices, plan.mask).compile()

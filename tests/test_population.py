@@ -287,7 +287,7 @@ indices = pop.population_indices(plan, jax.random.split(jax.random.key(1), 8))
 plain, _ = pop.train_population_epoch(make(), images, labels, indices, plan.mask)
 mesh = pop.population_mesh()
 sharded = pop.shard_population(make(), mesh)
-data = pop.replicate((jnp.asarray(images), jnp.asarray(labels)), mesh)
+data = pop.replicate_data((jnp.asarray(images), jnp.asarray(labels)), mesh)
 sharded, sums = pop.train_population_epoch(sharded, *data, indices, plan.mask)
 for leaf in jax.tree.leaves(sharded):  # still 2 whole members per device
     assert len(leaf.sharding.device_set) == 4, leaf.sharding
@@ -394,3 +394,37 @@ def test_sweep_flag_parsing():
     assert config.num_models == 2 and config.learning_rates == [0.01, 0.01]
     config = sweep.parse_flags(["--num-models", "3", "--seeds", "4"])
     assert config.seeds == [4, 4, 4]  # one seed: every member starts alike (an lr sweep)
+
+
+def test_evaluate_a_population_is_each_member_evaluated_alone(trained):
+    states = trained["states"]
+    images, labels = synthetic(70, seed=4)
+    weight = np.random.default_rng(4).uniform(0, 2, 70).astype(np.float32)
+    names = ("loss", "accuracy", "f1_score", "top_3", "confusion")
+    got = fc.evaluate(states, images, labels, names, batch_size=32, sample_weight=weight)
+    assert got["loss"].shape == (3,) and got["confusion"].shape == (3, 10, 10)
+    for i in range(3):
+        alone = fc.evaluate(pop.select_member(states, i), images, labels, names, batch_size=32,
+                            sample_weight=weight)
+        close({k: got[k][i] for k in alone}, alone)
+    # The finished per-member numbers are what the table and best_member read.
+    assert pop.best_member(got) == int(np.argmax(got["accuracy"]))
+    assert len(pop.population_table(got).splitlines()) == 5
+
+
+def test_evaluate_an_ensemble_is_the_mean_of_member_softmaxes(trained):
+    states = trained["states"]
+    images, labels = synthetic(70, seed=3)
+    got = fc.evaluate(states, images, labels, ("loss", "accuracy", "f1_score"),
+                      ensemble=True, batch_size=32)
+    probs = np.asarray(pop.ensemble_predict(states, images))
+    assert got["count"] == 70
+    assert got["accuracy"] == np.mean(probs.argmax(-1) == labels)
+    np.testing.assert_allclose(got["loss"], -np.log(probs[np.arange(70), labels]).mean(),
+                               rtol=1e-4)
+    # The deprecated raw-sum entry point gives the same numbers through the same engine.
+    with pytest.warns(DeprecationWarning, match="ensemble=True"):
+        sums = fc.population.ensemble_evaluate(states, images, labels, batch_size=32)
+    assert float(sums["correct"]) / 70 == got["accuracy"]
+    with pytest.raises(ValueError, match="ensemble=True needs a population"):
+        fc.evaluate(pop.select_member(states, 0), images, labels, ensemble=True)

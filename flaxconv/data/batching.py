@@ -1,4 +1,5 @@
-"""Fixed-shape numpy batches of in-memory arrays: the last partial batch padded and masked."""
+"""Fixed-shape numpy batches of in-memory arrays: the last partial batch padded and masked
+(:func:`flaxconv.epochs.pad_batch`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from flaxconv.data._common import Batch, _check_non_negative_int, _check_positive_int
+from flaxconv.epochs.order import epoch_order, pad_batch
 
 
 def batches(
@@ -25,9 +27,9 @@ def batches(
         images: ``[N, H, W, C]`` (uint8 from :func:`load`; the dtype is kept).
         labels: integer ``[N]``.
         batch_size: rows per batch, a positive int.
-        shuffle: visit the examples in the order of
-            ``np.random.default_rng([seed, epoch]).permutation(N)``, which is
-            reproducible and differs between epochs.
+        shuffle: visit the examples in :func:`flaxconv.epochs.epoch_order`
+            ``(seed, epoch, N)``, the order of every path (reproducible, different per
+            epoch; ``fc.fit`` on arrays uses it with ``seed=int(fc.epochs.order_seed(state))``).
         seed, epoch: non-negative ints selecting the permutation; ignored without shuffle.
         drop_remainder: drop the last partial batch instead of padding it.
 
@@ -58,7 +60,7 @@ def batches(
     if len(labels) == 0:
         raise ValueError("images and labels are empty (N=0), expected at least one example")
     n = len(labels)
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    order = epoch_order(seed, epoch, n) if shuffle else np.arange(n)
     return _iter_batches(images, labels, order, batch_size, drop_remainder)
 
 
@@ -73,15 +75,5 @@ def _iter_batches(
     stop = n - n % batch_size if drop_remainder else n
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
-        yield _pad_batch(images[idx], labels[idx].astype(np.int32), batch_size)
-
-
-def _pad_batch(images: np.ndarray, labels: np.ndarray, batch_size: int) -> Batch:
-    """Pads ``k <= batch_size`` rows to ``batch_size`` with zeros, masking the pads."""
-    k = len(labels)
-    mask = np.arange(batch_size) < k
-    if k < batch_size:
-        pad = batch_size - k
-        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-        labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-    return {"image": images, "label": labels, "mask": mask}
+        yield pad_batch({"image": images[idx], "label": labels[idx].astype(np.int32)},
+                        batch_size)

@@ -23,6 +23,7 @@ from flaxconv.data.folder_index import (
     index_classes,
     index_files,
 )
+from flaxconv.epochs.order import epoch_order, padding_mask
 
 _LABEL_MODES = ("int", "categorical", "binary", None)
 _SUBSETS = ("training", "validation", "both")
@@ -112,13 +113,13 @@ class ImageFolder:
 
     def order(self, epoch: int = 0) -> np.ndarray:
         """Indices into :attr:`file_paths` in the order epoch ``epoch`` visits them:
-        ``np.random.default_rng([seed, epoch]).permutation(N)`` with shuffle (reproducible,
-        different per epoch), else ``arange(N)``."""
+        :func:`flaxconv.epochs.epoch_order` ``(seed, epoch, N)`` with shuffle (the order of
+        every path: reproducible, different per epoch), else ``arange(N)``."""
         _check_non_negative_int("epoch", epoch)
         n = self.num_examples
         if not self.shuffle:
             return np.arange(n)
-        return np.random.default_rng([self.seed, epoch]).permutation(n)
+        return epoch_order(self.seed, epoch, n)
 
     def __call__(self, epoch: int = 0) -> Iterator[Batch]:
         """One epoch of numpy batches, read from disk while they are consumed.
@@ -173,7 +174,7 @@ class ImageFolder:
                 batch = {"image": images}
                 if self.labels is not None:
                     batch["label"] = self._encode(self.labels[rows], batch_size)
-                batch["mask"] = np.arange(batch_size) < len(rows)
+                batch["mask"] = padding_mask(len(rows), batch_size)
                 yield batch
         finally:
             decoded.close()  # stops the reader's threads when the consumer stops early

@@ -33,7 +33,10 @@ def stream(
         batch_size: rows per batch, a positive int.
         shuffle: shuffle file order and examples (buffer of ``buffer_size`` examples)
             with a seed derived from ``(seed, epoch)``: reproducible, and different per
-            epoch when the caller passes the epoch number.
+            epoch when the caller passes the epoch number. A buffer is not a permutation of
+            the whole split, so this order is tf.data's own, not
+            :func:`flaxconv.epochs.epoch_order`'s; for that order, :func:`load` the arrays
+            and use :func:`batches`.
         seed, epoch: non-negative ints; ignored without shuffle.
         buffer_size: shuffle buffer size in examples, a positive int.
 
@@ -73,7 +76,8 @@ def stream(
 
 
 def _pad_tf_batch(batch, batch_size: int):
-    """tf.data counterpart of :func:`_pad_batch`; keeps the batch dimension static."""
+    """:func:`flaxconv.epochs.pad_batch`'s rule (zero rows, ``mask`` False on them) as a
+    tf.data graph op, which keeps the batch dimension static and the pipeline in C++."""
     import tensorflow as tf
 
     image, label = batch["image"], batch["label"]
