@@ -187,7 +187,7 @@ def run_flaxconv(epochs: int, recipe: str, seed: int) -> dict:
         tx = fc.optim.make("rmsprop", learning_rate=lr)
     state = fc.create_train_state(jax.random.key(seed), model, tx, x[:1])
     # The epoch's compile time, measured directly (ahead of time, on fit's placement).
-    placed, images, labels, plan = fc.parallel.place_for_fit(state, x, y, batch)
+    placed, images, labels, plan = fc.epochs.place_for_fit(state, x, y, batch)
     start = time.perf_counter()
     fc.epochs.train_epoch.lower(
         placed, images, labels, plan.indices(jax.random.key(0)), plan.mask
@@ -198,7 +198,7 @@ def run_flaxconv(epochs: int, recipe: str, seed: int) -> dict:
     # helpers (the permutation), so the timed epochs below are training only.
     fc.fit(jax.tree.map(jnp.copy, state), (x, y), epochs=1, batch_size=batch, verbose="silent")
     state, history = fc.fit(state, (x, y), epochs=epochs, batch_size=batch, verbose="silent")
-    test = fc.summarize(fc.evaluate(state, xt, yt))
+    test = fc.evaluate(state, xt, yt)
     return {
         "epoch_seconds": history["epoch_seconds"],
         "executed_flops_per_example": train_flops_per_example(executed_layers(state)),

@@ -38,7 +38,6 @@ import flaxconv as fc
 from flaxconv import data
 from flaxconv import population as pop
 from flaxconv.epochs import epoch_plan, train_epoch_fn
-from flaxconv.steps import summarize
 
 # The same jits as flaxconv.epochs.train_epoch and population.train_population_epoch,
 # built here so that they can be compiled ahead of time and the compile timed apart.
@@ -137,8 +136,8 @@ def main(argv=None) -> int:
         compile_seconds = time.perf_counter() - tick
         states, seconds = timed_epochs(compiled, states, arrays, 1)
         if k == args.accuracy_k:  # exactly one epoch from initialization
-            sums = pop.evaluate_population(states, test_images, test_labels, batch_size=500)
-            accuracy = summarize(sums)["accuracy"].tolist()
+            accuracy = fc.evaluate(states, test_images, test_labels,
+                                   batch_size=500)["accuracy"].tolist()
         if args.repeats > 1:
             states, more = timed_epochs(compiled, states, arrays, args.repeats - 1)
             seconds += more

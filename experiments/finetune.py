@@ -145,7 +145,7 @@ def _run(config) -> dict:
     pretrained = variables_of(state, base)
 
     # 1. The new head on the frozen base.
-    state = finetune.freeze(state, fc.optim.make(config.optimizer, config.head_lr), base)
+    state = finetune.freeze_state(state, fc.optim.make(config.optimizer, config.head_lr), base)
     print(viz.summary(state, frozen=base), flush=True)
     state, head_history = phase("head", state, train, config.head_epochs, config)
     frozen_base_unchanged = unchanged(pretrained, state, base)
@@ -154,7 +154,7 @@ def _run(config) -> dict:
     # 2. The top conv block too, at a low learning rate; BatchNorm statistics stay frozen.
     still_frozen = tuple(name for name in base if name != top)
     before = variables_of(state, still_frozen)
-    state = finetune.freeze(
+    state = finetune.freeze_state(
         state, fc.optim.make(config.optimizer, config.finetune_lr), still_frozen
     )
     state, tune_history = phase("finetune", state, train, config.finetune_epochs, config)

@@ -351,7 +351,8 @@ def create_train_state(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
-        opt_state=tx.init(params),
+        # One compiled program instead of an eager op (and its compile) per leaf.
+        opt_state=jax.jit(tx.init)(params),
         rng=jax.random.key_data(train_key),
         model=model,
         tx=tx,

@@ -84,14 +84,14 @@ def test_a_pattern_that_matches_nothing_lists_the_layers():
     with pytest.raises(ValueError, match=r"\['dense_\*'\] match no layer.*conv_0.*head"):
         fc.optim.make("rmsprop", frozen=("conv_*", "dense_*")).init(params)
     with pytest.raises(ValueError, match=r"conv_9.*the layers are \['bn_0'"):
-        finetune.freeze(make_state(), ADAM, "conv_9")
+        finetune.freeze_state(make_state(), ADAM, "conv_9")
     with pytest.raises(TypeError, match="layer-name patterns"):
         fc.optim.make("adam", frozen=("conv_0", 3))
 
 
 def test_frozen_batch_norm_runs_in_inference_mode_then_the_top_block_unfreezes():
     state = train(make_state())  # moving statistics away from their initial values
-    frozen = finetune.freeze(state, ADAM, ("conv_*", "bn_*"))
+    frozen = finetune.freeze_state(state, ADAM, ("conv_*", "bn_*"))
     assert frozen.model.frozen_batch_norm == ("bn_0", "bn_1")
     after, metrics = fc.train_step(frozen, batch(seed=5))
     assert finetune.changed_layers(frozen, after) == ["head"]
@@ -103,7 +103,7 @@ def test_frozen_batch_norm_runs_in_inference_mode_then_the_top_block_unfreezes()
     assert abs(float(free_metrics["loss_sum"]) - float(evaluated["loss_sum"])) > 1e-3
 
     # Phase two: the top conv block trains, BatchNorm statistics stay as they were.
-    top = finetune.freeze(after, optax.adam(1e-4), ("conv_0", "bn_*"))
+    top = finetune.freeze_state(after, optax.adam(1e-4), ("conv_0", "bn_*"))
     assert top.model.frozen_batch_norm == ("bn_0", "bn_1")
     trained = train(top)
     assert finetune.changed_layers(top, trained) == ["conv_1", "head"]
@@ -125,8 +125,8 @@ def test_freezing_batch_norm_of_a_model_without_the_field_is_an_error():
 
     state = fc.create_train_state(jax.random.key(0), Net(), ADAM, np.zeros((1, *SHAPE)))
     with pytest.raises(ValueError, match=r"\['bn'\] needs a model with a frozen_batch_norm"):
-        finetune.freeze(state, ADAM, "bn")
-    assert finetune.freeze(state, ADAM, "head").model is state.model
+        finetune.freeze_state(state, ADAM, "bn")
+    assert finetune.freeze_state(state, ADAM, "head").model is state.model
 
 
 def shifted(state, by=0.5):
@@ -186,7 +186,7 @@ def test_changed_layers_compares_bits():
 
 
 def test_fit_checkpoints_and_resumes_a_frozen_state(tmp_path):
-    frozen = finetune.freeze(make_state(), ADAM, ("conv_*", "bn_*"))
+    frozen = finetune.freeze_state(make_state(), ADAM, ("conv_*", "bn_*"))
     fresh = lambda: jax.tree.map(jnp.copy, frozen)  # noqa: E731 - fit donates its input
     data = batch(40)
     arrays = (data["image"], data["label"])

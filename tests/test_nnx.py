@@ -131,7 +131,7 @@ def test_train_steps_equal_the_functional_nnx_loop_by_hand(kernels, tol):
         state, metrics = fc.train_step(state, b)
         params, stats, opt_state, loss = step_by_hand(params, stats, rng_state, opt_state,
                                                       state.rng, t, b)
-        assert fc.summarize(metrics)["loss"] == pytest.approx(float(loss), rel=tol)
+        assert fc.metrics.compute(metrics)["loss"] == pytest.approx(float(loss), rel=tol)
         chex.assert_trees_all_close(state.params, nnx.to_pure_dict(params), rtol=tol, atol=tol)
         chex.assert_trees_all_close(state.batch_stats, nnx.to_pure_dict(stats),
                                     rtol=tol, atol=tol)
@@ -223,7 +223,7 @@ def test_per_example_grads_and_sharded_step():
 
 
 def test_freezing_layers_keeps_their_params_and_batch_statistics():
-    state = fc.finetune.freeze(make_state(), TX, ("conv1", "bn1"))
+    state = fc.finetune.freeze_state(make_state(), TX, ("conv1", "bn1"))
     new, _ = fc.train_step(state, batch())
     for layer in ("conv1", "bn1"):
         chex.assert_trees_all_equal(new.params[layer], state.params[layer])
