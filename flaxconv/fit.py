@@ -22,13 +22,10 @@ moment and resumed ends with the same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import itertools
-import json
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -38,12 +35,15 @@ import jax
 import numpy as np
 
 from flaxconv import epochs as ep
+from flaxconv import history as history_lib
 from flaxconv import metrics as metrics_lib
 from flaxconv import optim, parallel, preemption
 from flaxconv.callbacks import Callback
 from flaxconv.checkpoint import Checkpoints
 from flaxconv.data.checks import check_images, warn_one_class
+from flaxconv.history import History
 from flaxconv.metrics import check_labels, model_classes
+from flaxconv.progress import Progress, resolve_verbose
 from flaxconv.state import TrainState
 from flaxconv.workdir import (  # noqa: F401 - re-exported: fc.fit's names of one release
     LOCK_FILE,
@@ -51,40 +51,18 @@ from flaxconv.workdir import (  # noqa: F401 - re-exported: fc.fit's names of on
     WorkdirLock,
     WorkdirLockedError,
     _one_line,
+    callback_states,
     check_config,
     claim_workdir,
+    load_callback_states,
     lock_workdir,
     make_workdir,
     replace_file,
+    run_config,
     write_json,
 )
 
 ArrayData = tuple[Any, Any]
-
-
-class History(dict):
-    """What :func:`fit` returns: a dict of per-epoch lists (``history["loss"][-1]``, JSON as
-    is), which is also Keras's ``History`` object: ``history.history["val_loss"]``,
-    ``history.epoch`` and ``history.params`` work as they do on ``model.fit``'s result.
-    """
-
-    #: Keras's ``History.params``: ``{"verbose", "epochs", "steps"}`` of the fit call.
-    params: dict[str, Any]
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.params = {}
-
-    @property
-    def history(self) -> History:
-        """Keras's ``History.history``: the dict of per-epoch lists (this object itself)."""
-        return self
-
-    @property
-    def epoch(self) -> list[int]:
-        """Keras's ``History.epoch``: the indices (from 0) of the epochs in the lists. A
-        resumed run's history holds the earlier epochs too, so this is ``0 .. n - 1``."""
-        return list(range(max((len(v) for v in self.values()), default=0)))
 
 
 __all__ = [
@@ -180,56 +158,6 @@ def _class_weight_vector(class_weight: Any, classes: int) -> np.ndarray:
     return vector
 
 
-class _Progress:
-    """Keras-style output: a bar within the epoch (terminals) and one line per epoch."""
-
-    def __init__(self, verbose: str, epochs: int, steps: int | None):
-        self.verbose, self.epochs, self.steps = verbose, epochs, steps
-        self.bar = None
-
-    def begin(self, epoch: int) -> None:
-        if self.verbose == "silent":
-            return
-        print(f"Epoch {epoch + 1}/{self.epochs}", flush=True)
-        if self.verbose == "bar":
-            # tqdm.auto: a widget bar in Jupyter/Colab (text where ipywidgets is missing).
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=self.steps, file=sys.stdout, leave=False, dynamic_ncols=True,
-                bar_format="{n_fmt}/{total_fmt} {bar} {elapsed} {rate_fmt}",
-                unit="step", ascii=" ━",
-            )
-
-    def advance(self, steps: int) -> None:
-        if self.bar is not None:
-            self.bar.update(steps)
-
-    def end(self, steps: int, seconds: float, logs: dict[str, float]) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        if self.verbose == "silent":
-            return
-        numbers = " - ".join(
-            f"{k}: {v:.4f}" for k, v in logs.items() if k not in ("epoch_seconds", "lr")
-        )
-        ms = 1000.0 * seconds / max(steps, 1)
-        print(f"{steps}/{steps} - {seconds:.1f}s - {ms:.1f}ms/step - {numbers}", flush=True)
-
-
-def _resolve_verbose(verbose: str | int) -> str:
-    if verbose == "auto":
-        # A Jupyter kernel's stdout is no tty, yet shows a bar as a terminal does.
-        interactive = sys.stdout.isatty() or "ipykernel" in sys.modules
-        return "bar" if interactive else "epoch"
-    aliases = {0: "silent", 1: "bar", 2: "epoch"}
-    verbose = aliases.get(verbose, verbose)
-    if verbose not in ("bar", "epoch", "silent"):
-        raise ValueError(f"verbose={verbose!r}; expected 'auto', 'bar', 'epoch' or 'silent'")
-    return verbose
-
-
 def _first_non_finite(losses: np.ndarray) -> int | None:
     bad = np.flatnonzero(~np.isfinite(losses))
     return int(bad[0]) if bad.size else None
@@ -293,71 +221,6 @@ class _BatchHooks:
             new_state = callback.on_train_batch_end(done - 1, dict(logs), state)
             state = state if new_state is None else new_state
         return state
-
-
-def _write_history(workdir: str, history: History) -> None:
-    """``history.json`` and ``history.csv`` (a row per epoch)."""
-    write_json(os.path.join(workdir, "history.json"), history)
-
-    def write_csv(tmp):
-        keys = list(history)
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["epoch", *keys])
-            rows = zip(*history.values(), strict=True)  # _append keeps them aligned
-            writer.writerows([i + 1, *row] for i, row in enumerate(rows))
-
-    replace_file(os.path.join(workdir, "history.csv"), write_csv)
-
-
-def _write_curves(workdir: str, history: History) -> None:
-    """``curves.png``: loss and accuracy per epoch, train vs validation."""
-    from flaxconv import viz  # matplotlib is imported only here
-
-    replace_file(os.path.join(workdir, "curves.png"), lambda t: viz.plot_history(history, t))
-
-
-def _append(history: History, logs: dict[str, float]) -> None:
-    """Appends an epoch's logs; keys new or missing this epoch get NaN so rows line up."""
-    epochs = max((len(v) for v in history.values()), default=0)
-    for key in logs:
-        history.setdefault(key, [math.nan] * epochs)
-    for key, values in history.items():
-        values.append(float(logs.get(key, math.nan)))
-
-
-def run_config(state: TrainState, config: dict[str, Any] | None) -> dict[str, Any]:
-    """What must match for a workdir to be resumed: the model, input shape, parameter
-    shapes, optimizer state structure, and the caller's ``config``."""
-    shapes = jax.tree.map(lambda x: list(np.shape(x)), state.params)
-    return {
-        "_model": _one_line(repr(state.model), limit=10_000),
-        "_input_shape": list(state.input_shape),
-        "_param_shapes": json.dumps(shapes, sort_keys=True),
-        "_opt_state": str(jax.tree.structure(state.opt_state)),
-        **(config or {}),
-    }
-
-
-def _callback_states(callbacks: Sequence[Callback]) -> list[dict[str, Any]]:
-    return [
-        {"class": type(c).__name__, "state": c.state_dict() if hasattr(c, "state_dict") else {}}
-        for c in callbacks
-    ]
-
-
-def _load_callback_states(callbacks: Sequence[Callback], saved: list[dict[str, Any]]) -> None:
-    for i, callback in enumerate(callbacks):
-        entry = saved[i] if i < len(saved) else None
-        if entry is None or entry.get("class") != type(callback).__name__:
-            warnings.warn(
-                f"callback {i} ({type(callback).__name__}) has no saved state in the "
-                f"checkpoint (the callbacks differ from the first run's); it starts afresh",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        elif hasattr(callback, "load_state_dict"):
-            callback.load_state_dict(entry["state"])
 
 
 def fit(
@@ -428,7 +291,7 @@ def fit(
         step boundary and saved; a ``SystemExit`` with status 143. The same call resumes.
       ValueError: labels outside the model's classes, NaN or infinite pixels, bad arguments.
     """
-    verbose = _resolve_verbose(verbose)
+    verbose = resolve_verbose(verbose)
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs={epochs!r}; expected a non-negative integer")
     if isinstance(metrics, str):
@@ -498,7 +361,7 @@ def fit(
                 start_epoch = int(meta["epoch"]) + 1
                 stopped = bool(meta.get("stopped", False))
                 history = History({k: list(v) for k, v in meta.get("history", {}).items()})
-                _load_callback_states(callbacks, meta.get("callbacks", []))
+                load_callback_states(callbacks, meta.get("callbacks", []))
                 if verbose != "silent":
                     if stopped:
                         done = "stopped by a callback"
@@ -525,7 +388,7 @@ def fit(
         for callback in callbacks:
             if hasattr(callback, "on_train_begin"):
                 callback.on_train_begin(state, workdir)
-        progress = _Progress(verbose, epochs, steps_per_epoch)
+        progress = Progress(verbose, epochs, steps_per_epoch)
         chunks = None if streaming else ep.scan_chunks(state, plan, verbose == "bar")
         last = start_epoch if stopped else epochs  # a stopped run stays stopped
         for epoch in range(start_epoch, last):
@@ -583,7 +446,7 @@ def fit(
             for callback in callbacks:
                 new_state = callback.on_epoch_end(epoch, logs, state)
                 state = state if new_state is None else new_state
-            _append(history, logs)
+            history_lib.append(history, logs)
             progress.end(len(losses), seconds, logs)
             stopped = any(getattr(c, "stop_training", False) for c in callbacks)
             if checkpoints is not None:
@@ -591,10 +454,10 @@ def fit(
                     "epoch": epoch,
                     "stopped": stopped,
                     "history": history,
-                    "callbacks": _callback_states(callbacks),
+                    "callbacks": callback_states(callbacks),
                 }
                 checkpoints.save(epoch, state, meta)
-                _write_history(workdir, history)
+                history_lib.write(workdir, history)
                 if done:  # the preempted part is in this epoch's checkpoint now
                     checkpoints.wait()
                     preemption.drop_partial(workdir)
@@ -611,7 +474,7 @@ def fit(
                 new_state = callback.on_train_end(state)
                 state = state if new_state is None else new_state
         if workdir is not None and history:
-            _write_curves(workdir, history)  # once: a plot costs more than a small epoch
+            history_lib.write_curves(workdir, history)  # once: a plot costs more than a small epoch
     finally:
         # Also after an error or Ctrl-C: pending asynchronous saves reach the disk.
         try:

@@ -6,7 +6,7 @@ per member; :func:`train_and_evaluate` loads the data as every experiment does
 (:func:`flaxconv.experiment.load_datasets`), builds the population, trains it with
 :func:`fit_population` and writes ``results.json``. :func:`fit_population` is the epoch loop:
 :func:`flaxconv.population.train_population_epoch` and ``fc.evaluate`` of the members per
-epoch, a :class:`flaxconv.fit.History`
+epoch, a :class:`flaxconv.history.History`
 per member, a checkpoint of the whole population per epoch (resumed by running the same
 command again), SIGTERM handled as ``fc.fit`` does (:mod:`flaxconv.preemption`), and
 :class:`PopulationDivergedError` when every member's loss is NaN or infinite.
@@ -28,14 +28,16 @@ from flaxconv import experiment, preemption
 from flaxconv import population as pop
 from flaxconv.checkpoint import Checkpoints
 from flaxconv.epochs import EpochPlan, epoch_plan
-from flaxconv.fit import History, NonFiniteLossError, _append
+from flaxconv.fit import NonFiniteLossError
+from flaxconv.history import History
+from flaxconv.history import append as append_logs
 from flaxconv.workdir import check_config, claim_workdir, write_json
 
 #: Config keys that a resumed sweep may change: they do not alter the training.
 RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "workdir")
 SHUFFLES = ("per-member", "shared")
 DATA_SOURCES = ("auto", "raw", "tfds")
-#: What each member's :class:`~flaxconv.fit.History` records per epoch.
+#: What each member's :class:`~flaxconv.history.History` records per epoch.
 HISTORY_KEYS = ("loss", "accuracy", "test_loss", "test_accuracy")
 
 
@@ -254,7 +256,7 @@ def fit_population(
       eval_batch_size: examples per step of the test evaluation (``fc.evaluate``).
 
     Returns:
-      The trained states; one :class:`~flaxconv.fit.History` per member, with per-epoch
+      The trained states; one :class:`~flaxconv.history.History` per member, with per-epoch
       lists of ``loss``, ``accuracy`` (training) and ``test_loss``, ``test_accuracy``;
       the seconds of each epoch's training (the first includes compilation).
 
@@ -280,7 +282,7 @@ def fit_population(
             test_logs = fc.evaluate(states, *test, batch_size=eval_batch_size)
             logs.update({f"test_{name}": test_logs[name] for name in ("loss", "accuracy")})
             for i, history in enumerate(histories):
-                _append(history, {name: np.asarray(logs[name])[i] for name in HISTORY_KEYS})
+                append_logs(history, {name: np.asarray(logs[name])[i] for name in HISTORY_KEYS})
             _log_epoch(epoch, epochs, epoch_seconds[-1], logs)
             if not np.isfinite(logs["loss"]).any():
                 raise PopulationDivergedError(epoch, np.asarray(logs["loss"]).tolist())

@@ -18,10 +18,11 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 __all__ = [
     "LOCK_FILE",
@@ -366,3 +367,43 @@ def check_config(workdir: str, config: dict[str, Any]) -> None:
             f"workdir {workdir} holds a run with another configuration ({details}); "
             f"use another workdir or delete this one"
         )
+
+
+# --- Resume identity: what a resumed run must share with the first one ----------------
+
+
+def run_config(state: Any, config: dict[str, Any] | None) -> dict[str, Any]:
+    """What must match for a workdir to be resumed: the model, input shape, parameter
+    shapes, optimizer state structure, and the caller's ``config``."""
+    shapes = jax.tree.map(lambda x: list(np.shape(x)), state.params)
+    return {
+        "_model": _one_line(repr(state.model), limit=10_000),
+        "_input_shape": list(state.input_shape),
+        "_param_shapes": json.dumps(shapes, sort_keys=True),
+        "_opt_state": str(jax.tree.structure(state.opt_state)),
+        **(config or {}),
+    }
+
+
+def callback_states(callbacks: Sequence[Any]) -> list[dict[str, Any]]:
+    """The callbacks' ``state_dict()``s with their class names, as a checkpoint keeps them."""
+    return [
+        {"class": type(c).__name__, "state": c.state_dict() if hasattr(c, "state_dict") else {}}
+        for c in callbacks
+    ]
+
+
+def load_callback_states(callbacks: Sequence[Any], saved: list[dict[str, Any]]) -> None:
+    """Gives each callback its state from a checkpoint's :func:`callback_states`; one whose
+    class differs from the saved one's starts afresh, with a warning."""
+    for i, callback in enumerate(callbacks):
+        entry = saved[i] if i < len(saved) else None
+        if entry is None or entry.get("class") != type(callback).__name__:
+            warnings.warn(
+                f"callback {i} ({type(callback).__name__}) has no saved state in the "
+                f"checkpoint (the callbacks differ from the first run's); it starts afresh",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        elif hasattr(callback, "load_state_dict"):
+            callback.load_state_dict(entry["state"])
