@@ -30,6 +30,7 @@ import numpy as np
 
 from flaxconv import epochs as ep
 from flaxconv import metrics as metrics_lib
+from flaxconv.checks import check_images
 from flaxconv.state import TrainState
 from flaxconv.steps import predict_fn
 
@@ -158,8 +159,10 @@ def evaluate(
 
     Raises:
       ValueError: an unknown metric or average, labels outside the model's classes,
-        mismatched sizes, a bad batch size, a sample weight that is negative or not
-        finite (named), or ``ensemble=True`` for a single model.
+        NaN or infinite pixels (:func:`flaxconv.checks.check_images`, which also warns
+        about float images that look unscaled), mismatched sizes, a bad batch size, a
+        sample weight that is negative or not finite (named), or ``ensemble=True`` for a
+        single model.
     """
     s = metrics_lib.spec(metrics, roc_bins=roc_bins, roc_range=roc_range, average=average,
                          weighted_metrics=weighted_metrics)
@@ -170,6 +173,7 @@ def evaluate(
         batch_size = 500 if _is_population(state) else 1000
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    check_images(images)
     metrics_lib.check_labels(labels, metrics_lib.model_classes(state))
     weights = None
     if sample_weight is not None:

@@ -24,7 +24,7 @@ import numpy as np
 
 import flaxconv as fc
 from flaxconv import data, parallel, preemption, viz
-from flaxconv.data.checks import check_images
+from flaxconv.checks import check_images
 from flaxconv.evaluation import evaluate
 from flaxconv.export import ExportError
 from flaxconv.fit import IncompatibleWorkdirError, NonFiniteLossError, _split, fit

@@ -40,7 +40,7 @@ from flaxconv import metrics as metrics_lib
 from flaxconv import optim, parallel, preemption
 from flaxconv.callbacks import Callback
 from flaxconv.checkpoint import Checkpoints
-from flaxconv.data.checks import check_images, warn_one_class
+from flaxconv.checks import check_images, warn_one_class
 from flaxconv.history import History
 from flaxconv.metrics import check_labels, model_classes
 from flaxconv.progress import Progress, resolve_verbose

@@ -880,6 +880,10 @@ def test_nan_pixels_and_unscaled_floats_and_one_class_are_named_before_training(
         warnings.simplefilter("error", RuntimeWarning)
         fc.fit(state, (standardized, labels), 0, validation_data=(scaled, labels),
                verbose="silent")
+    # fc.evaluate (fit's validation, the experiments' test set, a user's own call) too.
+    with pytest.raises(ValueError, match=r"^images hold 2 NaN or infinite pixel value\(s\), "
+                                         r"e.g. in image 5"):
+        fc.evaluate(state, nan, labels)
     # The experiments check their test set before training.
     config = default_config()
     config.update(workdir=str(tmp_path / "run"), verbose="silent")
