@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flaxconv import epochs as ep
@@ -41,6 +42,7 @@ from flaxconv import optim, parallel, preemption
 from flaxconv.callbacks import Callback
 from flaxconv.checkpoint import Checkpoints
 from flaxconv.checks import check_images, warn_one_class
+from flaxconv.evaluation import evaluate_sums
 from flaxconv.history import History
 from flaxconv.metrics import check_labels, model_classes
 from flaxconv.progress import Progress, resolve_verbose
@@ -299,7 +301,8 @@ def fit(
     if "confusion" in metrics:
         raise ValueError("metrics: 'confusion' is not a number to log per epoch; use "
                          "flaxconv.metrics.evaluate for it")
-    val_spec = metrics_lib.spec(("loss", "accuracy", *metrics))
+    # Keras's validation: sample weights weigh val_loss only (weighted_metrics=False).
+    val_spec = metrics_lib.spec(("loss", "accuracy", *metrics), weighted_metrics=False)
     classes = model_classes(state)
     streaming = callable(train_data)
     if streaming and validation_split:
@@ -334,6 +337,7 @@ def fit(
         *validation_data, val_weights = _weighted_arrays(validation_data, "validation_data")
         check_labels(validation_data[1], classes, "validation labels")
         check_images(validation_data[0], "validation images")
+        validate = _validation(validation_data, val_weights, val_spec, eval_batch_size)
     hooks = _BatchHooks(callbacks)
     # A resumed run must weigh its examples as the first one did.
     if class_weight is not None:
@@ -435,10 +439,7 @@ def fit(
             count = max(float(total["count"]), 1.0)
             logs = {"loss": total["loss_sum"] / count, "accuracy": total["correct"] / count}
             if validation_data is not None:
-                val = metrics_lib.evaluate(
-                    state, *validation_data, val_spec.names, batch_size=eval_batch_size,
-                    sample_weight=val_weights, weighted_metrics=False,
-                )
+                val = validate(state)
                 logs.update({f"val_{k}": val[k] for k in val_spec.names})
             logs = {k: float(v) for k, v in logs.items()}
             logs["lr"] = _current_lr(state)
@@ -490,6 +491,22 @@ def fit(
                 lock.release()  # after the saves: the next run may start in this workdir
     history.params = {"verbose": verbose, "epochs": epochs, "steps": steps_per_epoch}
     return state, history
+
+
+def _validation(data: tuple[Any, Any], weights: np.ndarray | None, spec: metrics_lib.Spec,
+                batch_size: Any) -> Callable[[TrainState], dict[str, Any]]:
+    """fit's per-epoch validation: ``fc.evaluate``'s engine with the checks done once (by
+    the caller) and the arrays put on the device once, so each epoch's validation is one
+    jitted :data:`flaxconv.evaluation.evaluate_sums` and its :func:`metrics.compute`."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or (
+        batch_size <= 0
+    ):
+        raise ValueError(f"eval_batch_size={batch_size!r}; expected a positive integer")
+    images, labels = data
+    plan = ep.epoch_plan(len(labels), min(int(batch_size), len(labels)))
+    arrays = (jnp.asarray(images), jnp.asarray(labels, jnp.int32), plan.indices(None),
+              plan.mask, None if weights is None else jnp.asarray(weights))
+    return lambda state: metrics_lib.compute(evaluate_sums(state, *arrays, spec=spec), spec)
 
 
 def _current_lr(state: TrainState) -> float:
