@@ -7,8 +7,6 @@
 >>> state, metrics = fc.train_step(state, {"image": images, "label": labels})
 """
 
-from typing import Any
-
 from flaxconv import (
     _deprecation,
     augment,
@@ -64,8 +62,7 @@ _DEPRECATED: _deprecation.Aliases = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    return _deprecation.resolve(__name__, name, _DEPRECATED)
+__getattr__ = _deprecation.module_getattr(__name__, _DEPRECATED)
 
 
 # What each kind of user needs; everything else lives in its submodule.

@@ -4,6 +4,7 @@ Each module lists its renamed names as ``{old: (new, getter)}``: ``new`` is the 
 instead (as text, e.g. ``"flaxconv.metrics.compute"``) and ``getter`` a zero-argument
 function returning the object that the old name now stands for. The getter is called on
 access, so a module can alias an object of a module that imports it (no import cycle).
+The module then ends with ``__getattr__ = _deprecation.module_getattr(__name__, aliases)``.
 """
 
 from __future__ import annotations
@@ -26,3 +27,13 @@ def resolve(module: str, name: str, aliases: Aliases) -> Any:
         f"use {new}", DeprecationWarning, stacklevel=3,
     )
     return getter()
+
+
+def module_getattr(module: str, aliases: Aliases) -> Callable[[str], Any]:
+    """A module-level ``__getattr__`` (PEP 562) that resolves ``module``'s
+    deprecated ``aliases``."""
+
+    def __getattr__(name: str) -> Any:
+        return resolve(module, name, aliases)
+
+    return __getattr__

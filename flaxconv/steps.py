@@ -277,5 +277,4 @@ _DEPRECATED: _deprecation.Aliases = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    return _deprecation.resolve(__name__, name, _DEPRECATED)
+__getattr__ = _deprecation.module_getattr(__name__, _DEPRECATED)
