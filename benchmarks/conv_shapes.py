@@ -8,6 +8,10 @@ Each row is one convolution of the zoo's models (``benchmarks/zoo.py``) at batch
 forward pass and both gradients (input and kernel) of ``sum(conv(x, k) ** 2)``, inside a
 ``lax.scan`` of ``--steps`` SGD-like updates as a training epoch runs them, best of five
 passes, in ms per step. Strided convolutions have only im2col.
+
+With ``--tf`` (TensorFlow installed), a last column times the same step with
+``tf.nn.conv2d`` in a ``tf.function`` (oneDNN's kernels, what Keras-TF runs in the zoo), one
+call per step: the peer that the zoo's ratios are made against, layer by layer.
 """
 
 from __future__ import annotations
@@ -57,17 +61,47 @@ def ms_per_step(formulation: str, x, kernel, stride: int, padding: str, steps: i
     return best
 
 
+def tf_ms_per_step(x, kernel, stride: int, padding: str, steps: int) -> float:
+    """The same step with TensorFlow's ``tf.nn.conv2d``, best of five passes, ms per step."""
+    import numpy as np
+    import tensorflow as tf
+
+    x, kernel = tf.Variable(np.asarray(x)), tf.Variable(np.asarray(kernel))
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.nn.conv2d(x, kernel, stride, padding) ** 2)
+        dx, dk = tape.gradient(loss, [x, kernel])
+        x.assign_sub(1e-6 * dx)
+        kernel.assign_sub(1e-6 * dk)
+        return loss
+
+    step().numpy()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        loss.numpy()
+        best = min(best, (time.perf_counter() - start) / steps * 1e3)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", help="also write PATH.md and PATH.json")
+    parser.add_argument("--tf", action="store_true",
+                        help="add TensorFlow's tf.nn.conv2d (oneDNN) as the peer column")
     args = parser.parse_args()
     header = (f"{datetime.date.today()}; {platform.machine()}, python "
               f"{platform.python_version()}, jax {jax.__version__}, jaxlib "
               f"{jaxlib.__version__}; batch 64, {args.steps} steps, best of 5")
     lines = [header, "",
-             "| convolution | output | im2col ms | xla_nhwc ms | winograd ms | faster |",
-             "|---|---|---|---|---|---|"]
+             "| convolution | output | im2col ms | xla_nhwc ms | winograd ms | faster |"
+             + (" tf.nn.conv2d ms |" if args.tf else ""),
+             "|---|---|---|---|---|---|" + ("---|" if args.tf else "")]
     print("\n".join(lines), flush=True)
     rows = []
     for what, h, w, c_in, c_out, k, stride, padding in SHAPES:
@@ -86,12 +120,16 @@ def main() -> None:
         lines.append(f"| {what}: {k}x{k}/{stride} {padding} {c_in}->{c_out} | {size} | "
                      f"{times['im2col']:.2f} | {cell['xla_nhwc']} | {cell['winograd']} | "
                      f"{faster} |")
+        if args.tf:
+            times["tf"] = tf_ms_per_step(x, kernel, stride, padding, args.steps)
+            lines[-1] += f" {times['tf']:.2f} |"
         print(lines[-1], flush=True)
         rows.append({"what": what, "output": size, **times})
     if args.out:
         with open(args.out + ".md", "w") as f:
-            f.write("Command: python benchmarks/conv_shapes.py "
-                    f"--steps {args.steps}\n\n" + "\n".join(lines) + "\n")
+            command = f"python benchmarks/conv_shapes.py --steps {args.steps}"
+            command += " --tf" if args.tf else ""
+            f.write(f"Command: {command}\n\n" + "\n".join(lines) + "\n")
         with open(args.out + ".json", "w") as f:
             json.dump({"header": header, "rows": rows}, f, indent=1)
 

@@ -17,7 +17,8 @@ parameters, values and gradients are XLA's own to float32 rounding.
 
 Layout: :mod:`.conv` (lone convolutions), :mod:`.pool`, :mod:`.blocks` and
 :mod:`.winograd` (conv -> relu -> pool blocks), :mod:`.policy` (which runs where),
-:mod:`.seam` (the transformation, :func:`rewrite`). Deleting this package and the one call in
+:mod:`.seam` (the transformation, :func:`rewrite`) with :mod:`.jaxpr_match` (what it
+recognizes in a jaxpr). Deleting this package and the one call in
 ``flaxconv.steps`` leaves every model running on XLA's own operations.
 """
 
