@@ -1,4 +1,6 @@
-"""Orbax checkpoints of a :class:`~flaxconv.state.TrainState` plus JSON metadata.
+"""Orbax checkpoints of a :class:`~flaxconv.state.TrainState` plus JSON metadata: the
+:class:`Checkpoints` manager (keyed by epoch; latest or best; resume; corrupt ones moved
+aside) and :func:`save_state` / :func:`load_state` for one checkpoint.
 
 Each checkpoint is a directory ``<dir>/<epoch>/`` with two items:
 
@@ -20,6 +22,10 @@ A save that fails because the disk is full or the folder is not writable raises 
 :class:`~flaxconv.workdir.WorkdirWriteError` naming the checkpoint, from that save or (for
 an asynchronous one) from the next save, :meth:`Checkpoints.wait` or :meth:`Checkpoints.close`;
 its unfinished temporary folder is removed, and the checkpoints already committed stay.
+
+What a checkpoint holds and its checksum are in :mod:`flaxconv.checkpoint_contents`;
+:func:`restore_params` (some layers into another model, for fine-tuning) is in
+:mod:`flaxconv.checkpoint_transfer`. Both are re-exported here.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ import contextlib
 import errno
 import gc
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -39,10 +44,23 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+# Checkpoints.save looks _CHECKSUM and _digest up in this module (tests patch them here).
+from flaxconv.checkpoint_contents import (  # noqa: F401 - the unused ones: re-exported
+    _CHECKSUM,
+    _LEGACY_CHECKSUM,
+    CorruptCheckpointError,
+    _array_targets,
+    _digest,
+    _legacy_digest,
+    _put_arrays,
+    _take_arrays,
+    _verify,
+    state_arrays,
+)
+from flaxconv.checkpoint_transfer import restore_params  # noqa: F401 - re-exported
 from flaxconv.state import TrainState
 from flaxconv.workdir import WorkdirWriteError, write_error
 
@@ -71,17 +89,6 @@ for _logger in ("absl", "asyncio"):  # Orbax logs through absl
     logging.getLogger(_logger).addFilter(_DropReportedWriteErrors())
 
 
-def state_arrays(state: TrainState) -> dict[str, Any]:
-    """The pytree of ``state``'s arrays (what is saved); static fields are left out."""
-    return {
-        "step": state.step,
-        "params": state.params,
-        "batch_stats": state.batch_stats,
-        "opt_state": state.opt_state,
-        "rng": state.rng,
-    }
-
-
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -91,132 +98,10 @@ def _abstract(tree: Any) -> Any:
 _SAVE_OVERHEAD = 64 * 1024
 
 
-class CorruptCheckpointError(ValueError):
-    """A checkpoint whose files do not restore or do not match their checksum."""
-
-
 class WeightsOnlyCheckpointError(ValueError):
     """A weights-only checkpoint (``ModelCheckpoint(save_weights_only=True)``: no optimizer
     state) restored into a template that has one. The checkpoint is intact: it is left in
     place, never moved aside as corrupt."""
-
-
-_ARRAY = "__array__"  # marks where an array of ``meta`` was taken out to the ``arrays`` item
-# The checksum of _digest; checkpoints of earlier versions carry _LEGACY_CHECKSUM instead.
-_CHECKSUM = "_sha256_by_path"
-_LEGACY_CHECKSUM = "_sha256"
-
-
-def _take_arrays(tree: Any, arrays: list[np.ndarray]) -> Any:
-    """``tree`` with each numpy/jax array replaced by a JSON placeholder (host copies of the
-    arrays are appended to ``arrays``) and numpy scalars by Python ones."""
-    if isinstance(tree, dict):
-        return {k: _take_arrays(v, arrays) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return [_take_arrays(v, arrays) for v in tree]
-    if isinstance(tree, np.generic):
-        return tree.item()
-    if isinstance(tree, np.ndarray | jax.Array):
-        array = np.asarray(jax.device_get(tree))
-        arrays.append(array)
-        return {_ARRAY: len(arrays) - 1, "shape": list(array.shape), "dtype": array.dtype.name}
-    return tree
-
-
-def _array_targets(tree: Any, targets: dict[str, np.ndarray]) -> None:
-    """Collects the restore target (shape and dtype) of every placeholder in ``tree``."""
-    if isinstance(tree, dict):
-        if _ARRAY in tree:
-            targets[str(tree[_ARRAY])] = np.empty(tree["shape"], jnp.dtype(tree["dtype"]))
-            return
-        for v in tree.values():
-            _array_targets(v, targets)
-    elif isinstance(tree, list):
-        for v in tree:
-            _array_targets(v, targets)
-
-
-def _put_arrays(tree: Any, arrays: dict[str, np.ndarray]) -> Any:
-    if isinstance(tree, dict):
-        if _ARRAY in tree:
-            return arrays[str(tree[_ARRAY])]
-        return {k: _put_arrays(v, arrays) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_put_arrays(v, arrays) for v in tree]
-    return tree
-
-
-def _sharded_over_hosts(leaves: list[Any]) -> bool:
-    return any(
-        isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated)
-        for x in leaves
-    )
-
-
-def _path_name(path: tuple[Any, ...]) -> str:
-    """``"opt_state/0/mu/conv_0/kernel"``: dict keys, attribute names and sequence indices
-    alike, so a tree restored without its template (dicts) names a leaf as the saved one."""
-    names = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
-    return "/".join(str(name) for name in names)
-
-
-def _digest(
-    state: dict[str, Any], arrays: list[np.ndarray], meta: dict[str, Any]
-) -> str | None:
-    """SHA-256 over the path, dtype, shape and bytes of every state array (in path order),
-    of the ``arrays`` item and the canonical JSON of ``meta``; None when a state array is
-    sharded over several hosts (no host sees it all).
-
-    Keyed by paths, not by the template's leaf order, so it can be checked on a state read
-    without its template (:func:`restore_params`: named tuples come back as dicts)."""
-    flat = jax.tree_util.tree_flatten_with_path(state)[0]
-    if _sharded_over_hosts([leaf for _, leaf in flat]):
-        return None
-    named = sorted(((_path_name(path), leaf) for path, leaf in flat), key=lambda e: e[0])
-    named += [(f"arrays/{i}", array) for i, array in enumerate(arrays)]
-    h = hashlib.sha256()
-    for name, leaf in named:
-        value = np.ascontiguousarray(jax.device_get(leaf))
-        h.update(f"{name}:{value.dtype.name}{value.shape}".encode())
-        h.update(value.tobytes())
-    h.update(json.dumps(meta, sort_keys=True).encode())
-    return h.hexdigest()
-
-
-def _legacy_digest(
-    state: dict[str, Any], arrays: list[np.ndarray], meta: dict[str, Any]
-) -> str | None:
-    """The checksum of earlier versions: like :func:`_digest` but over the leaves in the
-    template's order, without paths."""
-    leaves = jax.tree.leaves(state)
-    if _sharded_over_hosts(leaves):
-        return None
-    h = hashlib.sha256()
-    for leaf in [*leaves, *arrays]:
-        value = np.ascontiguousarray(jax.device_get(leaf))
-        h.update(f"{value.dtype.name}{value.shape}".encode())
-        h.update(value.tobytes())
-    h.update(json.dumps(meta, sort_keys=True).encode())
-    return h.hexdigest()
-
-
-def _verify(where: str, meta: dict[str, Any], state: Any, arrays: dict[str, np.ndarray]) -> None:
-    """Checks a restored checkpoint against the checksum in its ``meta`` (which it pops).
-
-    Raises:
-      CorruptCheckpointError: naming ``where``, when the arrays or meta differ from what was
-        saved.
-    """
-    saved, legacy = meta.pop(_CHECKSUM, None), meta.pop(_LEGACY_CHECKSUM, None)
-    ordered = [arrays[str(i)] for i in range(len(arrays))]
-    if saved is not None:
-        digest = _digest(state, ordered, meta)
-    elif legacy is not None:
-        saved, digest = legacy, _legacy_digest(state, ordered, meta)
-    else:
-        return  # saved without a checksum (its arrays were sharded over several hosts)
-    if digest is not None and digest != saved:
-        raise CorruptCheckpointError(f"checkpoint {where} does not match its checksum")
 
 
 class Checkpoints:
@@ -445,141 +330,3 @@ def load_state(
     if restored is None:
         raise FileNotFoundError(f"no intact checkpoint under {os.fspath(directory)}")
     return restored
-
-
-# --- Partial restore (fine-tuning) --------------------------------------------------------
-
-
-def restore_params(
-    directory: str | os.PathLike,
-    state: TrainState,
-    include: str | tuple[str, ...] | list[str] = ("*",),
-    *,
-    epoch: int | None = None,
-) -> TrainState:
-    """``state`` with the params and batch_stats of the ``include`` layers read from a
-    checkpoint: a pretrained backbone under a new head.
-
-    The checkpoint's model may have other layers and any optimizer. Shapes are checked
-    against the checkpoint's metadata first; then the whole checkpoint is read and verified
-    against its checksum, as :meth:`Checkpoints.restore` does, before anything is copied.
-
-    >>> state = restore_params("runs/mnist_convnet", state, include=("conv_*", "bn_*"))
-
-    Args:
-      directory: a checkpoint directory (``<dir>/<epoch>/``), or a ``fit`` workdir whose
-        ``checkpoints/`` is used. Nothing there is written or moved.
-      state: the target; its optimizer state and step are left as they are.
-      include: layer-name patterns (``fnmatch`` on layer paths, see
-        :func:`flaxconv.optim.layer_mask`); the default copies every layer.
-      epoch: which checkpoint; by default the newest one that restores (a broken or corrupt
-        one is reported with a ``RuntimeWarning`` and skipped).
-
-    Raises:
-      FileNotFoundError: no checkpoint there, or no checkpoint ``epoch``; or no intact one
-        (each named with the reason it failed).
-      CorruptCheckpointError: checkpoint ``epoch`` does not match its checksum.
-      ValueError: a pattern matches no layer of ``state`` (listing its layers); an included
-        layer the checkpoint lacks; arrays whose shapes differ, each named with both shapes.
-    """
-    import warnings
-
-    from flax import traverse_util
-
-    from flaxconv import finetune
-
-    root = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"checkpoint directory {root} does not exist")
-    handlers = {
-        "state": ocp.PyTreeCheckpointHandler(),
-        "meta": ocp.JsonCheckpointHandler(),
-        "arrays": ocp.PyTreeCheckpointHandler(),
-    }
-    options = ocp.CheckpointManagerOptions(create=False)
-    manager = ocp.CheckpointManager(root, item_handlers=handlers, options=options)
-    if not manager.all_steps() and os.path.isdir(os.path.join(root, "checkpoints")):
-        manager.close()
-        root = os.path.join(root, "checkpoints")  # a fit workdir
-        manager = ocp.CheckpointManager(root, item_handlers=handlers, options=options)
-    failures = []
-    try:
-        epochs = sorted(manager.all_steps(), reverse=True)
-        if epoch is not None:
-            if epoch not in epochs:
-                raise FileNotFoundError(
-                    f"no checkpoint {epoch} under {root}; it has {sorted(epochs)}"
-                )
-            epochs = [epoch]
-        for candidate in epochs:
-            where = f"{root}/{candidate}"
-            try:
-                saved = manager.item_metadata(candidate)["state"]
-                saved = getattr(saved, "tree", saved)
-                source = {"params": saved["params"], "batch_stats": saved.get("batch_stats") or {}}
-            except Exception as error:  # noqa: BLE001 - unreadable metadata: not intact
-                if epoch is not None:
-                    raise
-                failures.append(f"{where}: no readable state metadata ({_reason(error)})")
-                warnings.warn(
-                    f"checkpoint {where} has no readable state metadata "
-                    f"({_reason(error)}); trying an older one",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                continue
-            paths = finetune.transfer_plan(
-                source, state, include, source_name=f"checkpoint {where}"
-            )
-            try:
-                restored = _read_verified(manager, candidate, saved, where)
-            except Exception as error:  # noqa: BLE001 - any failure means "not intact"
-                if epoch is not None:
-                    raise
-                failures.append(f"{where}: {_reason(error)}")
-                warnings.warn(
-                    f"checkpoint {where} does not restore ({_reason(error)}); trying an "
-                    f"older one",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                continue
-            variables = traverse_util.flatten_dict(
-                {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}
-            )
-            return finetune.replace_arrays(state, {p: variables[p] for p in paths})
-    finally:
-        manager.close()
-    why = f": {'; '.join(failures)}" if failures else ""
-    raise FileNotFoundError(f"no intact checkpoint under {root}{why}")
-
-
-def _reason(error: Exception) -> str:
-    """An exception as one short line: its type and the first line of its message."""
-    line = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {line[:200]}"
-
-
-def _read_verified(
-    manager: ocp.CheckpointManager, epoch: int, saved: Any, where: str
-) -> dict[str, Any]:
-    """The whole state of checkpoint ``epoch`` as host numpy arrays, in its saved structure
-    (``saved``: its metadata tree; no template needed), checked against its checksum.
-
-    Raises:
-      CorruptCheckpointError: it does not match the checksum. Orbax's errors: unreadable.
-    """
-    meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    meta = dict(meta["meta"] or {})
-    targets: dict[str, np.ndarray] = {}
-    _array_targets(meta, targets)
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
-    items = dict(state=ocp.args.PyTreeRestore(restore_args=as_numpy))
-    if targets:
-        items["arrays"] = ocp.args.PyTreeRestore(
-            item=targets, restore_args=ocp.checkpoint_utils.construct_restore_args(targets)
-        )
-    restored = manager.restore(epoch, args=ocp.args.Composite(**items))
-    arrays = dict(restored["arrays"]) if targets else {}
-    _verify(where, meta, restored["state"], arrays)
-    return restored["state"]

@@ -5,7 +5,9 @@ A run (``fc.fit``, ``train_and_evaluate``, the experiments) claims its workdir w
 instead of deleting the first one's checkpoints in flight; every file it writes goes
 through :func:`replace_file`, so a kill never leaves half a file, and a write that fails for
 want of space or permission stops the run with one :class:`WorkdirWriteError`.
-:func:`check_config` keeps a workdir to one configuration.
+:func:`check_config` keeps a workdir to one configuration: :func:`run_config` is what a
+resumed run must share with the first, and :func:`callback_states` /
+:func:`load_callback_states` carry the callbacks' state through a checkpoint.
 """
 
 from __future__ import annotations
