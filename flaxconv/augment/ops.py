@@ -1,44 +1,25 @@
-"""Keras-style image augmentation, on the device, inside the jitted train step.
+"""The pure augmentation functions: per-example random transforms of a batch ``[B, H, W, C]``.
 
-Two levels, both jittable and per example:
+:func:`random_rotation`, :func:`random_translation`, :func:`random_zoom`,
+:func:`random_flip` and :func:`random_crop` draw one transform per example from a
+``jax.random`` key; :func:`rotate` and :func:`affine` apply given ones, and
+:func:`transform` resamples through any per-image affine map with
+``jax.scipy.ndimage.map_coordinates``; :func:`center_crop` and :func:`resize` are the
+deterministic ones. All are pure and jittable (call them inside a jitted step). With the
+"reflect" (Keras's default), "nearest" and "constant" fill modes the outputs match Keras's
+layers to float32 rounding. (dm-pix 0.4.5 works with this jax too, but its fast
+"constant" mode does not interpolate towards the fill value as Keras does, and for the
+other modes it calls ``map_coordinates`` itself; so there is no need for it.)
 
-* pure functions on a batch ``[B, H, W, C]``: :func:`random_rotation`,
-  :func:`random_translation`, :func:`random_zoom`, :func:`random_flip`,
-  :func:`random_crop` draw one transform per example from a ``jax.random`` key, and
-  :func:`transform` resamples with ``jax.scipy.ndimage.map_coordinates``. With the
-  "reflect" (Keras's default), "nearest" and "constant" fill modes the outputs match
-  Keras's layers to float32 rounding. (dm-pix 0.4.5 works with this jax too, but its fast
-  "constant" mode does not interpolate towards the fill value as Keras does, and for the
-  other modes it calls ``map_coordinates`` itself; so there is no need for it.)
-* linen modules with Keras's names and arguments — :class:`RandomRotation`,
-  :class:`RandomTranslation`, :class:`RandomZoom`, :class:`RandomFlip`,
-  :class:`RandomCrop`, :class:`Rescaling`, :class:`Resizing` — called as
-  ``layer(x, train=bool)``. The random ones draw from the ``"augment"`` rng stream
-  (``self.make_rng("augment")``) only when ``train=True`` and are the identity otherwise
-  (:class:`RandomCrop` center-crops), so evaluation and prediction are never augmented.
-
-They go at the front of a model, where Keras puts its preprocessing layers::
-
-    model = flaxconv.models.get(
-        "sign_language_cnn", num_classes=24,
-        augment=(RandomRotation(0.05), RandomTranslation(0.1, 0.1), RandomZoom(0.1)),
-    )  # the same as augment=keras_like(rotation=0.05, translation=0.1, zoom=0.1)
-
-``flaxconv.train_step`` already passes ``rngs=state.step_rngs()`` (an ``"augment"`` key
-folded from the state's rng and step) in training, so a step stays a pure function of
-``(state, batch)`` and needs no change. The step scales uint8 images to [0, 1] first, so
-the layers see float32 images in [0, 1].
-
-This module imports nothing from flaxconv, so the model layer can use it.
+Also here: Keras's conventions and their checks (:func:`factor_range`, :data:`FILL_MODES`,
+:data:`INTERPOLATIONS`, :data:`FLIP_MODES`), shared with the layers of
+:mod:`flaxconv.augment.layers`. This module imports nothing from flaxconv.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-from typing import ClassVar, TypedDict, Unpack
+from typing import TypedDict, Unpack
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -93,7 +74,9 @@ def factor_range(name: str, factor: Factor, *, lower: float = -1.0) -> tuple[flo
     return lo, hi
 
 
-def _check_fill(fill_mode: str, interpolation: str) -> None:
+def check_fill(fill_mode: str, interpolation: str) -> None:
+    """Raises a ValueError unless ``fill_mode`` is in :data:`FILL_MODES` and
+    ``interpolation`` in :data:`INTERPOLATIONS`."""
     if fill_mode not in FILL_MODES:
         raise ValueError(f"fill_mode={fill_mode!r}; expected one of {list(FILL_MODES)}")
     if interpolation not in INTERPOLATIONS:
@@ -102,7 +85,8 @@ def _check_fill(fill_mode: str, interpolation: str) -> None:
         )
 
 
-def _check_size(height: int, width: int) -> None:
+def check_size(height: int, width: int) -> None:
+    """Raises a ValueError naming ``height`` or ``width`` unless it is a positive int."""
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name}={value!r}; expected a positive int")
@@ -148,7 +132,7 @@ def transform(
       float ``[B, H, W, C]``, same dtype. Pure; jit it or call it inside a jitted step.
     """
     _check_images(images)
-    _check_fill(fill_mode, interpolation)
+    check_fill(fill_mode, interpolation)
     order = INTERPOLATIONS[interpolation]
     h, w = images.shape[1:3]
     grid = jnp.stack(jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")).astype(jnp.float32)
@@ -338,206 +322,4 @@ def resize(
     return jax.image.resize(images, shape, methods[interpolation], antialias=False).astype(
         images.dtype
     )
-
-
-# ----------------------------------------------------------------------------- layers
-
-
-class _Layer(nn.Module):
-    """Checks the settings when the layer is built, not first at a training step."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.check()
-
-    def check(self) -> None:
-        pass
-
-
-class _Random(_Layer):
-    """A layer that augments in training (drawing from the ``"augment"`` rng stream) and
-    is the identity otherwise."""
-
-    def augment(self, key: jax.Array, x: jax.Array) -> jax.Array:
-        """``x`` augmented with ``key``: ``[B, H, W, C] -> [B, H, W, C]``."""
-        raise NotImplementedError(f"{type(self).__name__} does not define augment()")
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        return self.augment(self.make_rng("augment"), x) if train else x
-
-
-class _Spatial(_Random):
-    """A resampling layer: its factors (``factors`` names them, in Keras's order, each
-    checked by :func:`factor_range` unless None) and the fill settings (:class:`Fill`,
-    keyword-only so that the factors come first) go to its ``resample`` function."""
-
-    fill_mode: str = dataclasses.field(default="reflect", kw_only=True)
-    interpolation: str = dataclasses.field(default="bilinear", kw_only=True)
-    fill_value: float = dataclasses.field(default=0.0, kw_only=True)
-
-    factors: ClassVar[tuple[str, ...]] = ()
-    resample: ClassVar[Callable[..., jax.Array]]
-
-    def check(self) -> None:
-        _check_fill(self.fill_mode, self.interpolation)
-        for name in self.factors:
-            if getattr(self, name) is not None:
-                factor_range(name, getattr(self, name))
-
-    def augment(self, key: jax.Array, x: jax.Array) -> jax.Array:
-        fill: Fill = {name: getattr(self, name) for name in Fill.__annotations__}
-        factors = [getattr(self, name) for name in self.factors]
-        return type(self).resample(key, x, *factors, **fill)
-
-
-class RandomRotation(_Spatial):
-    """Keras's ``RandomRotation``: in training, each image turns by its own angle, uniform
-    in ``factor`` × 2π (``0.05``: ±18°; a pair ``(lo, hi)`` for an asymmetric range).
-    Identity when ``train=False``. ``[B, H, W, C] -> [B, H, W, C]``."""
-
-    factor: Factor
-
-    factors = ("factor",)
-    resample = staticmethod(random_rotation)
-
-
-class RandomTranslation(_Spatial):
-    """Keras's ``RandomTranslation``: in training, each image shifts by its own offset,
-    uniform in ``height_factor`` × H rows and ``width_factor`` × W columns. Identity when
-    ``train=False``. ``[B, H, W, C] -> [B, H, W, C]``."""
-
-    height_factor: Factor
-    width_factor: Factor
-
-    factors = ("height_factor", "width_factor")
-    resample = staticmethod(random_translation)
-
-
-class RandomZoom(_Spatial):
-    """Keras's ``RandomZoom``: in training, each image zooms about its center by its own
-    factor ``1 + u``, ``u`` uniform in ``height_factor`` (positive: out, negative: in);
-    ``width_factor=None`` keeps the aspect ratio. Identity when ``train=False``."""
-
-    height_factor: Factor
-    width_factor: Factor | None = None
-
-    factors = ("height_factor", "width_factor")
-    resample = staticmethod(random_zoom)
-
-
-class RandomFlip(_Random):
-    """Keras's ``RandomFlip``: in training, each image is mirrored with probability 1/2 per
-    axis of ``mode``. Identity when ``train=False``. Not for digits or letters, whose mirror
-    image is another symbol."""
-
-    mode: str = "horizontal_and_vertical"
-
-    def check(self) -> None:
-        if self.mode not in FLIP_MODES:
-            raise ValueError(f"mode={self.mode!r}; expected one of {list(FLIP_MODES)}")
-
-    def augment(self, key: jax.Array, x: jax.Array) -> jax.Array:
-        return random_flip(key, x, self.mode)
-
-
-class RandomCrop(_Layer):
-    """Keras's ``RandomCrop``: a random ``height x width`` window per image in training, the
-    central window otherwise. ``[B, H, W, C] -> [B, height, width, C]``."""
-
-    height: int
-    width: int
-
-    def check(self) -> None:
-        _check_size(self.height, self.width)
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if not train:
-            return center_crop(x, self.height, self.width)
-        return random_crop(self.make_rng("augment"), x, self.height, self.width)
-
-
-class Rescaling(_Layer):
-    """Keras's ``Rescaling``: ``x * scale + offset``, in training and evaluation alike
-    (e.g. ``Rescaling(2.0, -1.0)`` maps [0, 1] to [-1, 1])."""
-
-    scale: float
-    offset: float = 0.0
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        del train
-        return x * jnp.asarray(self.scale, x.dtype) + jnp.asarray(self.offset, x.dtype)
-
-
-class Resizing(_Layer):
-    """Keras's ``Resizing``: every image to ``height x width`` (see :func:`resize`), in
-    training and evaluation alike."""
-
-    height: int
-    width: int
-    interpolation: str = "bilinear"
-
-    def check(self) -> None:
-        _check_size(self.height, self.width)
-        if self.interpolation not in ("bilinear", "nearest", "bicubic"):
-            raise ValueError(
-                f"interpolation={self.interpolation!r}; expected 'bilinear', 'nearest' or "
-                "'bicubic'"
-            )
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        del train
-        return resize(x, self.height, self.width, self.interpolation)
-
-
-def keras_like(
-    rotation: Factor = 0.0,
-    translation: Factor = 0.0,
-    zoom: Factor = 0.0,
-    flip: str | None = None,
-    **fill: Unpack[Fill],
-) -> tuple[nn.Module, ...]:
-    """The usual augmentation stack as layers for ``ConvStack(augment=...)``: a flip (if
-    ``flip`` names a mode), then rotation, translation (same factor for both axes) and zoom,
-    each left out when its factor is 0. ``fill`` goes to the spatial layers
-    (``fill_mode``, ``interpolation``, ``fill_value``)."""
-    layers: list[nn.Module] = []
-    if flip:
-        layers.append(RandomFlip(flip))
-    if factor_range("rotation", rotation) != (0.0, 0.0):
-        layers.append(RandomRotation(rotation, **fill))
-    if factor_range("translation", translation) != (0.0, 0.0):
-        layers.append(RandomTranslation(translation, translation, **fill))
-    if factor_range("zoom", zoom) != (0.0, 0.0):
-        layers.append(RandomZoom(zoom, **fill))
-    return tuple(layers)
-
-
-__all__ = [
-    "FILL_MODES",
-    "FLIP_MODES",
-    "INTERPOLATIONS",
-    "RandomCrop",
-    "RandomFlip",
-    "RandomRotation",
-    "RandomTranslation",
-    "RandomZoom",
-    "Rescaling",
-    "Resizing",
-    "affine",
-    "transform",
-    "center_crop",
-    "factor_range",
-    "keras_like",
-    "random_crop",
-    "random_flip",
-    "random_rotation",
-    "random_translation",
-    "random_zoom",
-    "resize",
-    "rotate",
-]
 

@@ -1,17 +1,14 @@
-"""Inspection: a Keras-like model summary, training curves, feature maps and filters.
-
->>> print(fc.summary(state))                                  # Keras's model.summary()
->>> fc.viz.plot_history(history, "curves.png")
->>> fc.viz.feature_maps(state, test_images[:2], "maps.png")   # every conv/pool layer
->>> fc.viz.filters(state, "filters.png", layer="conv_0")      # the first layer's kernels
+"""Pictures of a model and its training, as PNG files: training curves, feature maps and
+conv filters (and :func:`activations`, the arrays behind the feature maps).
 
 Layers are named as in the model (``conv_0``, ``bn_0``, ``pool_0``, ...); feature maps come
 from Flax's ``capture_intermediates``, so they are each layer's own output: a ``conv_i`` map
 is the convolution before BatchNorm and relu, a ``pool_i`` map is after the relu. An NNX
 model's layers are the submodules its ``__call__`` calls, named by attribute path
 (``conv1``, ``blocks/0``; see :func:`flaxconv.state.call_layers`): its pools, being
-functions (``nnx.max_pool``), have no maps of their own. Plots go to PNG files through
-matplotlib's Agg backend (no display needed).
+functions (``nnx.max_pool``), have no maps of their own. The layers are found by
+:func:`flaxconv.viz.model_summary.layer_table`. Plots go through matplotlib's Agg backend
+(no display needed); matplotlib is imported on the first plot, not with this module.
 """
 
 from __future__ import annotations
@@ -22,239 +19,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from flaxconv import optim
-from flaxconv.state import NNXModel, TrainState, call_layers, split_nnx
+from flaxconv.state import NNXModel, TrainState
 from flaxconv.steps import apply_model, check_images, prepare_images
-
-
-def layer_table(
-    model: nn.Module | nnx.Module | TrainState, input_shape: tuple[int, ...] | None = None
-) -> list[tuple]:
-    """Rows ``(name, layer type, output shape, trainable params, non-trainable params)`` of
-    the model's layers, in call order, from one abstract (shape-only) pass.
-
-    A linen model's layers are its direct submodules (type from the name: ``conv_0`` is a
-    ``Conv``); an NNX model's are the submodules its ``__call__`` calls directly
-    (:func:`flaxconv.state.call_layers`: name ``"conv1"`` or ``"blocks/0"``, type the class
-    name). Variables that no listed layer holds (e.g. all of an NNX module bridged to linen
-    by ``nnx.bridge.to_linen``, whose inner layers linen does not see) get one row per
-    top-level name with type and output shape None, so the rows always add up to the
-    model's totals.
-
-    Args:
-      model: a linen module, an NNX module, or a TrainState (its model and input shape).
-      input_shape: ``(H, W, C)``; needed for a bare module.
-    """
-    return _table(model, input_shape)[1]
-
-
-def _table(model, input_shape):
-    """``(model name, rows, params tree)``: see :func:`layer_table`; the params are arrays or
-    ``jax.ShapeDtypeStruct``s."""
-    if isinstance(model, TrainState):
-        state, input_shape = model, model.input_shape
-        if isinstance(state.model, NNXModel):
-            return _nnx_table(state.model, state.params, state.batch_stats, input_shape)
-        model = state.model
-    if input_shape is None:
-        raise ValueError("summary needs input_shape=(H, W, C) for a bare module")
-    input_shape = tuple(input_shape)
-    if isinstance(model, nnx.Module):
-        return _nnx_table(*split_nnx(model), input_shape)
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"model is a {type(model).__name__}; expected a linen or NNX module or a TrainState"
-        )
-    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    call_order: list[str] = []  # pytrees sort dict keys; record the order while tracing
-
-    def forward(x):
-        key = jax.random.key(0)  # "dropout" for bridged NNX modules, as create_train_state
-        variables = model.init({"params": key, "dropout": key}, x, train=False)
-        _, state = model.apply(
-            variables, x, train=False, capture_intermediates=True, mutable=["intermediates"]
-        )
-        call_order.extend(state["intermediates"])
-        return variables, state["intermediates"]
-
-    variables, intermediates = jax.eval_shape(forward, x)
-    params = variables.get("params", {})
-    others = [v for k, v in variables.items() if k not in ("params", "intermediates")]
-    layers = [
-        (name, _layer_type(name), intermediates[name]["__call__"][0])
-        for name in call_order if name != "__call__"
-    ]
-    return type(model).__name__, _rows(layers, params, others), params
-
-
-def _nnx_table(model: NNXModel, params, batch_stats, input_shape):
-    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    found: list[tuple[str, str]] = []
-
-    def forward(variables, x):
-        module = model.merge(variables["params"], variables["batch_stats"])
-        _, layers = call_layers(module, x)
-        found.extend((name, kind) for name, kind, _ in layers)
-        return [out for _, _, out in layers]
-
-    outs = jax.eval_shape(forward, {"params": params, "batch_stats": batch_stats}, x)
-    first: dict[str, tuple[str, Any]] = {}
-    for (name, kind), out in zip(found, outs, strict=True):
-        first.setdefault(name, (kind, out))  # a layer called twice is one row
-    layers = [(name, kind, out) for name, (kind, out) in first.items()]
-    return model.module_type.__name__, _rows(layers, params, [batch_stats]), params
-
-
-def _rows(layers: list[tuple[str, str, Any]], params: Any, others: list[Any]) -> list[tuple]:
-    """Summary rows of ``layers`` (name, type, output), their variable counts, and one row
-    per top-level name of the variables no layer holds."""
-    trainable, fixed = _sizes(params), [_sizes(tree) for tree in others]
-    rows = []
-    for name, kind, out in layers:
-        shape = ("None", *out.shape[1:]) if hasattr(out, "shape") else None
-        rows.append((name, kind, shape, _total(trainable, name),
-                     sum(_total(f, name) for f in fixed)))
-    names = [name for name, _, _ in layers]
-    rest: dict[str, list[int]] = {}
-    for sizes, column in [(trainable, 0), *((f, 1) for f in fixed)]:
-        for path, size in sizes.items():
-            if not any(_under(path, name) for name in names):
-                rest.setdefault(path.split("/")[0], [0, 0])[column] += size
-    rows += [(name, None, None, p, q) for name, (p, q) in rest.items()]
-    return rows
-
-
-def _sizes(tree: Any) -> dict[str, int]:
-    """``{"layer/.../leaf": number of scalars}`` of a variable tree."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_key_name(k) for k in path): int(np.prod(np.shape(leaf)))
-            for path, leaf in leaves}
-
-
-def _key_name(key: Any) -> str:
-    for attribute in ("key", "idx", "name"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
-
-
-def _under(path: str, layer: str) -> bool:
-    """Whether the ``/``-joined variable ``path`` belongs to ``layer``."""
-    return path == layer or path.startswith(layer + "/")
-
-
-def _total(sizes: dict[str, int], layer: str) -> int:
-    return sum(size for path, size in sizes.items() if _under(path, layer))
-
-
-def _subtree(tree: Any, name: str) -> Any:
-    """The part of a nested dict at the ``/``-joined path ``name`` (``{}`` if absent);
-    keys match by their string form, so NNX list items (int keys) are found too."""
-    for part in name.split("/"):
-        if not hasattr(tree, "items"):
-            return {}
-        tree = next((v for k, v in tree.items() if str(k) == part), {})
-    return tree
-
-
-def _layer_type(name: str) -> str:
-    prefix = name.rsplit("_", 1)[0] if name[-1].isdigit() else name
-    return {
-        "conv": "Conv",
-        "bn": "BatchNorm",
-        "pool": "MaxPool",
-        "flatten": "Flatten",
-        "dense": "Dense",
-        "head": "Dense",
-        "dropout": "Dropout",
-    }.get(prefix, prefix)
-
-
-def _model_name(model: Any) -> str:
-    return model.module_type.__name__ if isinstance(model, NNXModel) else type(model).__name__
-
-
-def summary(
-    model: nn.Module | nnx.Module | TrainState,
-    input_shape: tuple[int, ...] | None = None,
-    *,
-    frozen: str | Sequence[str] = (),
-) -> str:
-    """Keras's ``model.summary()`` as a string: layer, output shape, params, and totals.
-
-    Args:
-      model: a linen module (a bridged ``nnx.bridge.to_linen`` one too), an NNX module, or
-        a TrainState (its model and input shape are used). See :func:`layer_table` for
-        which layers are listed; the totals count every variable of the model.
-      input_shape: ``(H, W, C)``; taken from the state when a TrainState is given.
-      frozen: layer-name patterns of frozen layers (as given to
-        :func:`flaxconv.finetune.freeze`); their parameters count as non-trainable, as in
-        Keras. BatchNorm statistics (every non-parameter variable) always do.
-    """
-    name, rows, params = _table(model, input_shape)
-    frozen_count = 0
-    if frozen:
-        mask = optim.layer_mask(params, frozen, "frozen")
-        frozen_count = sum(
-            int(np.prod(leaf.shape))
-            for leaf, hit in zip(jax.tree.leaves(params), jax.tree.leaves(mask), strict=True)
-            if hit
-        )
-    header = ("Layer (type)", "Output Shape", "Param #")
-    lines = [
-        (n if t is None else f"{n} ({t})",
-         "?" if s is None else "(" + ", ".join(map(str, s)) + ")", f"{p + q:,}")
-        for n, t, s, p, q in rows
-    ]
-    widths = [max(len(r[i]) for r in [header, *lines]) + 2 for i in range(3)]
-    rule = "─" * sum(widths)
-    fmt = lambda r: f"{r[0]:<{widths[0]}}{r[1]:<{widths[1]}}{r[2]:>{widths[2]}}"  # noqa: E731
-    total = sum(r[3] + r[4] for r in rows)
-    trainable = sum(r[3] for r in rows) - frozen_count
-    out = [f'Model: "{name}"', rule, fmt(header), rule]
-    out += [fmt(r) for r in lines]
-    out += [
-        rule,
-        f" Total params: {total:,}",
-        f" Trainable params: {trainable:,}",
-        f" Non-trainable params: {total - trainable:,}",
-        rule,
-    ]
-    return "\n".join(out)
-
-
-def plot_history(history: dict[str, list[float]], path: str | os.PathLike) -> str:
-    """Loss and accuracy curves (train vs validation, per epoch) as a PNG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
-        for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
-            values = history.get(key)
-            if values:
-                ax.plot(np.arange(1, len(values) + 1), values, marker="o", label=label)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(metric)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return os.fspath(path)
-
-
-# --- Feature maps and filters -------------------------------------------------------------
+from flaxconv.viz.model_summary import layer_table
 
 _DPI = 100
 _LABEL_PX = 110  # the left column of feature_maps that names each row
@@ -279,6 +49,42 @@ def _save(fig, path: str | os.PathLike) -> str:
     fig.savefig(path, dpi=_DPI)
     _pyplot().close(fig)
     return os.fspath(path)
+
+
+def plot_history(history: dict[str, list[float]], path: str | os.PathLike) -> str:
+    """Loss and accuracy curves (train vs validation, per epoch) as a PNG at ``path``."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = _pyplot().subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
+            values = history.get(key)
+            if values:
+                ax.plot(np.arange(1, len(values) + 1), values, marker="o", label=label)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --- Feature maps and filters -------------------------------------------------------------
+
+
+def _subtree(tree: Any, name: str) -> Any:
+    """The part of a nested dict at the ``/``-joined path ``name`` (``{}`` if absent);
+    keys match by their string form, so NNX list items (int keys) are found too."""
+    for part in name.split("/"):
+        if not hasattr(tree, "items"):
+            return {}
+        tree = next((v for k, v in tree.items() if str(k) == part), {})
+    return tree
+
+
+def _model_name(model: Any) -> str:
+    return model.module_type.__name__ if isinstance(model, NNXModel) else type(model).__name__
 
 
 def map_layers(state: TrainState, layers: str | Sequence[str] | None = None) -> list[str]:
