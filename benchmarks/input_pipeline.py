@@ -1,16 +1,21 @@
-"""Does the image-folder pipeline keep the training step fed? Input throughput beside the
-step's consumption, on the Sign Language MNIST folder (34,627 PNGs, 28x28 grayscale).
+"""Does the streaming input keep the training step fed? Input throughput beside the step's
+consumption, on the Sign Language MNIST training folder (27,455 PNGs, 28x28 grayscale), and
+MNIST's 60,000 training images by name through grain and through tf.data.
 
     python benchmarks/input_pipeline.py                       # batch 128, 2 timed epochs
     python benchmarks/input_pipeline.py --batch-size 64 --epochs 1 --steps 50   # quicker
 
 Rows, all in images per second at the same batch size:
 
-* input, ``flaxconv.data.image_folder(...)(epoch)``: the streaming path alone (parallel
-  read + PNG decode, ``AUTOTUNE``, prefetch), batches consumed and thrown away;
+* input, ``flaxconv.data.image_folder(...)(epoch)``: the streaming path alone (grain's read
+  threads decoding PNGs, ``workers`` default, a few batches ahead), batches consumed and
+  thrown away;
 * input, Keras's ``image_dataset_from_directory`` on the same folder: the peer;
 * input, ``ImageFolder.arrays()`` decode of the whole folder (what the device-resident path
   pays once);
+* input, ``fc.data.stream("mnist", "train", batch, shuffle=True, backend="grain")`` (the
+  split in host memory, in ``epoch_order``) and ``backend="tf"`` (tfds's tf.data pipeline,
+  a shuffle buffer): MNIST images/s of each backend alone (``--no-tf`` skips the second);
 * consumption, ``train_step`` on one device-resident batch: ``steps/s x batch``, the most the
   model can take (augmentation and dropout on, the sign_language_cnn model);
 * end to end, ``fit`` on the stream, and ``fit`` on device-resident arrays.
@@ -51,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=100, help="timed train steps")
     p.add_argument("--out", default="benchmarks/results", help="folder for the .md and .json")
     p.add_argument("--no-keras", action="store_true", help="skip the Keras peer row")
+    p.add_argument("--no-tf", action="store_true", help="skip the tf.data stream row")
     return p.parse_args(argv)
 
 
@@ -116,7 +122,7 @@ def main(argv=None) -> int:
         print(f"{what:<58} {images_per_s:>12,.0f}", flush=True)
 
     print(f"{folder}; backend {jax.default_backend()}, {os.cpu_count()} CPUs", flush=True)
-    add("input: image_folder stream (tf.data, AUTOTUNE)", time_input(folder, args.epochs))
+    add("input: image_folder stream (grain threads)", time_input(folder, args.epochs))
     if not args.no_keras:
         import keras
 
@@ -130,6 +136,11 @@ def main(argv=None) -> int:
     images, labels = unshuffled.arrays()
     add("input: ImageFolder.arrays() (one-off decode)",
         rate(len(labels), time.perf_counter() - start))
+    for backend in ("grain",) if args.no_tf else ("grain", "tf"):
+        add(f"input: data.stream('mnist', 'train', backend={backend!r})",
+            time_input(lambda epoch, backend=backend: data.stream(
+                "mnist", "train", args.batch_size, shuffle=True, epoch=epoch, backend=backend),
+                args.epochs))
     add("consumption: train_step on device (steps/s x batch)", time_steps(folder, args.steps))
     add("end to end: fit on the stream", time_fit(folder, folder, 1))
     add("end to end: fit on device-resident arrays", time_fit((images, labels), folder, 1))

@@ -8,14 +8,23 @@ One module per concept:
   through ``tensorflow_datasets``, which prepares its dataset from those files with no
   network when ``$FLAXCONV_DATA_DIR/<name>/`` holds them.
 * :mod:`~flaxconv.data.batching`: fixed-shape batches of in-memory arrays.
-* :mod:`~flaxconv.data.tf_stream`: batches from a tf.data pipeline over a tfds dataset.
+* :mod:`~flaxconv.data.grain_stream`: the streaming pipeline, for data that does not sit
+  on the device: any random-access source (``len`` + ``source[i]``) read by grain's
+  threads, in :func:`flaxconv.epochs.epoch_order`, the last batch padded and masked, and
+  ``start=k`` skipping ``k`` batches without reading them (how ``fc.fit`` resumes a
+  streamed epoch). Image folders and :func:`stream` go through it.
+* :mod:`~flaxconv.data.streaming`: :func:`stream`, a named dataset by grain (the default:
+  the split read to host memory, no TensorFlow, the order of every other path) or by
+  ``backend="tf"``, :mod:`~flaxconv.data.tf_stream`'s tf.data pipeline (its shuffle is a
+  buffer of examples, not :func:`~flaxconv.epochs.epoch_order`).
 * :mod:`~flaxconv.data.image_folders`: Keras's ``image_dataset_from_directory``, with
   :mod:`~flaxconv.data.folder_index` (which files, which labels) and
   :mod:`~flaxconv.data.images` (one file decoded and resized as Keras does, with Pillow).
 * :mod:`~flaxconv.data.sign_language`: Sign Language MNIST's CSVs, and as an image folder.
 
 TensorFlow and tfds are imported inside the functions that need them (the tfds source and
-:func:`stream`), never at module import time; everything else runs without them.
+``stream(..., backend="tf")``), never at module import time; everything else, grain
+included, runs without them. grain is imported when a pipeline is built.
 
 Batches are dicts ``{"image": [B, H, W, C], "label": int32 [B], "mask": bool [B]}``
 that always have exactly ``batch_size`` rows: the last partial batch is padded and
@@ -26,6 +35,7 @@ example counts exactly once.
 from flaxconv.data._common import DATA_DIR_ENV, Batch, DatasetUnavailableError
 from flaxconv.data.batching import batches
 from flaxconv.data.folder_index import IMAGE_EXTENSIONS, write_image_folder
+from flaxconv.data.grain_stream import ArraySource, grain_batches
 from flaxconv.data.image_folders import ImageFolder, image_folder
 from flaxconv.data.images import COLOR_MODES, RESIZE_METHODS, read_image
 from flaxconv.data.sign_language import (
@@ -34,18 +44,21 @@ from flaxconv.data.sign_language import (
     sign_language_folder,
 )
 from flaxconv.data.sources import load, names, num_classes, read_idx
-from flaxconv.data.tf_stream import stream
+from flaxconv.data.streaming import BACKENDS, stream
 
 __all__ = [
+    "BACKENDS",
     "COLOR_MODES",
     "DATA_DIR_ENV",
     "IMAGE_EXTENSIONS",
     "RESIZE_METHODS",
     "SIGN_LANGUAGE_CLASSES",
+    "ArraySource",
     "Batch",
     "DatasetUnavailableError",
     "ImageFolder",
     "batches",
+    "grain_batches",
     "image_folder",
     "load",
     "load_sign_language_mnist",

@@ -1,10 +1,9 @@
 """Image folders: Keras's ``image_dataset_from_directory`` for :func:`flaxconv.fit`, read with
-Pillow and numpy (no TensorFlow)."""
+Pillow and numpy (no TensorFlow), streamed through grain's read threads
+(:mod:`flaxconv.data.grain_stream`) in :func:`flaxconv.epochs.epoch_order`."""
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import math
 import numbers
 import os
@@ -23,7 +22,8 @@ from flaxconv.data.folder_index import (
     index_classes,
     index_files,
 )
-from flaxconv.epochs.order import epoch_order, padding_mask
+from flaxconv.data.grain_stream import default_workers, grain_batches, in_order, num_batches
+from flaxconv.epochs.order import epoch_order
 
 _LABEL_MODES = ("int", "categorical", "binary", None)
 _SUBSETS = ("training", "validation", "both")
@@ -35,9 +35,10 @@ class ImageFolder:
     Two ways to train on it with :func:`flaxconv.fit`:
 
     * ``fit(state, folder, steps_per_epoch=folder.steps_per_epoch, ...)``, the streaming
-      path: ``folder(epoch)`` reads, decodes and resizes files in a pool of threads (Pillow
-      and numpy release the GIL) a few batches ahead of the step that consumes them; only
-      those batches are in memory.
+      path: ``folder(epoch)`` reads, decodes and resizes files on grain's read threads
+      (:func:`flaxconv.data.grain_batches`; Pillow and numpy release the GIL) a few batches
+      ahead of the step that consumes them; only those batches are in memory. A resumed
+      run's ``folder(epoch, start=k)`` skips the ``k`` batches done without reading them.
     * ``fit(state, folder.arrays(), ...)``, the device-resident path, for a folder that fits
       in memory (:attr:`nbytes`): every image decoded once into one uint8 array.
 
@@ -121,8 +122,18 @@ class ImageFolder:
             return np.arange(n)
         return epoch_order(self.seed, epoch, n)
 
-    def __call__(self, epoch: int = 0) -> Iterator[Batch]:
-        """One epoch of numpy batches, read from disk while they are consumed.
+    def __call__(
+        self, epoch: int = 0, start: int = 0, *, workers: int | None = None
+    ) -> Iterator[Batch]:
+        """One epoch of numpy batches, read from disk while they are consumed, through
+        :func:`flaxconv.data.grain_batches`.
+
+        Args:
+          epoch: a non-negative int, selecting :meth:`order` ``(epoch)``.
+          start: batches to skip without reading them, a non-negative int at most
+            :attr:`steps_per_epoch` (``fc.fit`` passes the steps a resumed epoch had done).
+          workers: read threads (see :func:`flaxconv.data.grain_batches`); the batches are
+            the same for any number.
 
         Yields:
           ``{"image": uint8 [batch_size, H, W, C], "label": [batch_size, ...], "mask": bool
@@ -131,10 +142,15 @@ class ImageFolder:
           (no ``label`` without labels). Examples come in :meth:`order` ``(epoch)``.
 
         Raises:
-          ValueError: naming the files, when their batch is reached, if images cannot be
-            decoded (e.g. a truncated file).
+          ValueError: at call time for a bad ``epoch``, ``start`` or ``workers``; naming the
+            files, when their batch is reached, if images cannot be decoded (e.g. a
+            truncated file).
         """
-        return self._batches(self.order(epoch))
+        _check_non_negative_int("epoch", epoch)
+        return grain_batches(
+            _Files(self), self.batch_size, shuffle=self.shuffle, seed=self.seed, epoch=epoch,
+            start=start, workers=workers, collate=self._collate,
+        )
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
         """The whole subset in memory, in :attr:`file_paths` order; decoded once, cached.
@@ -149,12 +165,25 @@ class ImageFolder:
         """
         if self._arrays is None:
             images = np.empty((self.num_examples, *self.image_shape), np.uint8)
-            everything = np.arange(self.num_examples)
-            decoded = self._read(everything)
-            try:
-                self._fill(images, everything, decoded)
-            finally:
-                decoded.close()
+            files = _Files(self)
+            chunk = _ARRAYS_CHUNK
+
+            def decode(c: int) -> list[str]:
+                """Decodes chunk ``c`` into ``images``; the files that failed, described."""
+                bad = []
+                for i in range(c * chunk, min((c + 1) * chunk, self.num_examples)):
+                    image, problem = files[i]
+                    if problem:
+                        bad.append(f"{self.file_paths[i]} ({problem})")
+                    else:
+                        images[i] = image
+                return bad
+
+            chunks = num_batches(self.num_examples, chunk)
+            bad = [b for found in in_order(decode, chunks, workers=default_workers())
+                   for b in found]
+            if bad:
+                raise ValueError(_undecodable(bad))
             labels = None
             if self.labels is not None:
                 labels = self._encode(self.labels, self.num_examples)
@@ -163,54 +192,18 @@ class ImageFolder:
             self._arrays = (images, labels)
         return self._arrays
 
-    def _batches(self, order: np.ndarray) -> Iterator[Batch]:
-        batch_size = self.batch_size
-        decoded = self._read(order)
-        try:
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                images = np.zeros((batch_size, *self.image_shape), np.uint8)
-                self._fill(images, rows, decoded)
-                batch = {"image": images}
-                if self.labels is not None:
-                    batch["label"] = self._encode(self.labels[rows], batch_size)
-                batch["mask"] = padding_mask(len(rows), batch_size)
-                yield batch
-        finally:
-            decoded.close()  # stops the reader's threads when the consumer stops early
-
-    def _fill(self, out: np.ndarray, indices: np.ndarray, decoded: Iterator) -> None:
-        """Takes ``len(indices)`` results from ``decoded`` (:meth:`_read`'s, in order) into
-        ``out[:len(indices)]``; raises naming every one of those files that did not decode."""
-        bad = []
-        # zip takes an index first, so it never reads past these files
-        for row, (i, (image, problem)) in enumerate(zip(indices, decoded, strict=False)):
-            if problem:
-                bad.append(f"{self.file_paths[i]} ({problem})")
-            else:
-                out[row] = image
+    def _collate(self, decoded: list, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """``k`` :class:`_Files` results of the files ``indices`` -> ``{"image": uint8 [k,
+        H, W, C], "label": [k, ...]}`` (no ``label`` without labels); raises naming every
+        one of those files that did not decode."""
+        bad = [f"{self.file_paths[i]} ({problem})"
+               for i, (_, problem) in zip(indices, decoded, strict=True) if problem]
         if bad:
-            raise ValueError(
-                f"cannot decode image file(s) {_some(bad)}; expected valid JPEG, PNG, BMP or "
-                "GIF images"
-            )
-
-    def _read(self, indices: Sequence[int]) -> Iterator[tuple[np.ndarray | None, str | None]]:
-        """``(image, None)`` or ``(None, why it failed)`` for each of ``indices`` in order,
-        read by a thread pool that runs at most a window of files ahead of the consumer."""
-        workers = min(16, os.cpu_count() or 1)
-        window = max(2 * workers, min(2 * self.batch_size, 256))
-        pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="image_folder")
-        pending: collections.deque = collections.deque()
-        try:
-            for i in indices:
-                pending.append(pool.submit(self._read_one, self.file_paths[i]))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:  # also when the consumer stops early: drop what it will not take
-            pool.shutdown(wait=True, cancel_futures=True)
+            raise ValueError(_undecodable(bad))
+        batch = {"image": np.stack([image for image, _ in decoded])}
+        if self.labels is not None:
+            batch["label"] = self._encode(self.labels[indices], len(indices))
+        return batch
 
     def _read_one(self, path: str) -> tuple[np.ndarray | None, str | None]:
         height, width, channels = self.image_shape
@@ -238,6 +231,29 @@ class ImageFolder:
             out = np.zeros(rows, np.int32)
             out[:k] = labels
         return out
+
+
+# Files per task of arrays()'s one-off decode: enough to amortise grain's per-task cost.
+_ARRAYS_CHUNK = 256
+
+
+class _Files:
+    """An :class:`ImageFolder`'s files as a grain source: ``files[i]`` is ``(image uint8
+    [H, W, C], None)`` or ``(None, why file i does not decode)``. Thread-safe."""
+
+    def __init__(self, folder: ImageFolder):
+        self._folder = folder
+
+    def __len__(self) -> int:
+        return self._folder.num_examples
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray | None, str | None]:
+        return self._folder._read_one(self._folder.file_paths[index])
+
+
+def _undecodable(bad: list[str]) -> str:
+    return (f"cannot decode image file(s) {_some(bad)}; expected valid JPEG, PNG, BMP or GIF "
+            "images")
 
 
 def image_folder(

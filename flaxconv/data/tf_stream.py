@@ -1,4 +1,6 @@
-"""One epoch of fixed-shape batches from a tf.data pipeline over a tfds dataset."""
+"""One epoch of fixed-shape batches from a tf.data pipeline over a tfds dataset:
+``fc.data.stream(..., backend="tf")`` (grain is the default backend, see
+:mod:`flaxconv.data.streaming`)."""
 
 from __future__ import annotations
 
@@ -7,52 +9,30 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from flaxconv.data._common import Batch, _check_non_negative_int, _check_positive_int
+from flaxconv.data._common import Batch
+from flaxconv.data.grain_stream import check_start
 from flaxconv.data.sources import _check_features, _import_tfds, _prepared_builder
 
 
-def stream(
-    name: str,
-    split: str,
-    batch_size: int,
-    *,
-    shuffle: bool = False,
-    seed: int = 0,
-    epoch: int = 0,
-    data_dir: str | os.PathLike | None = None,
-    buffer_size: int = 10_000,
-) -> Iterator[Batch]:
-    """One epoch of batches from a tf.data pipeline over the tfds dataset.
+def tf_batches(name: str, split: str, batch_size: int, shuffle: bool, seed: int, epoch: int,
+               data_dir: str | os.PathLike | None, buffer_size: int, start: int
+               ) -> Iterator[Batch]:
+    """``fc.data.stream(..., backend="tf")``: one epoch from a tf.data pipeline over the
+    tfds dataset, which :func:`~flaxconv.data.load` prepares with ``source="tfds"`` (offline
+    from ``$FLAXCONV_DATA_DIR/<name>/`` when present). The arguments are
+    :func:`~flaxconv.data.stream`'s, checked there; each call builds a fresh pipeline.
 
-    The dataset is prepared as in :func:`load` with ``source="tfds"`` (offline from
-    ``$FLAXCONV_DATA_DIR/<name>/`` when present). Each call builds a fresh pipeline and
-    makes one pass over ``split``.
-
-    Args:
-        name, split, data_dir: as in :func:`load`.
-        batch_size: rows per batch, a positive int.
-        shuffle: shuffle file order and examples (buffer of ``buffer_size`` examples)
-            with a seed derived from ``(seed, epoch)``: reproducible, and different per
-            epoch when the caller passes the epoch number. A buffer is not a permutation of
-            the whole split, so this order is tf.data's own, not
-            :func:`flaxconv.epochs.epoch_order`'s; for that order, :func:`load` the arrays
-            and use :func:`batches`.
-        seed, epoch: non-negative ints; ignored without shuffle.
-        buffer_size: shuffle buffer size in examples, a positive int.
+    With ``shuffle``, file order and examples are shuffled (a buffer of ``buffer_size``
+    examples) with a seed derived from ``(seed, epoch)``: reproducible, and different per
+    epoch. A buffer is not a permutation of the whole split, so this order is tf.data's own,
+    not :func:`flaxconv.epochs.epoch_order`'s. The ``start`` batches skipped are still read
+    and decoded (``Dataset.skip``); ``start`` is checked against the split's size when
+    tf.data knows it.
 
     Returns:
-        An iterator of numpy dicts with the same keys, shapes and dtypes as
-        :func:`batches`: ``image`` uint8 ``[batch_size, H, W, C]``, ``label`` int32
-        ``[batch_size]``, ``mask`` bool ``[batch_size]``; the last partial batch is
-        zero-padded with ``mask == False``.
-
-    Raises:
-        DatasetUnavailableError, ValueError: as in :func:`load`, at call time.
+        Numpy batch dicts as :func:`~flaxconv.data.batches`' (``image`` uint8 ``[B, H, W,
+        C]``, ``label`` int32 ``[B]``, ``mask`` bool ``[B]``; the last one zero-padded).
     """
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("buffer_size", buffer_size)
-    _check_non_negative_int("seed", seed)
-    _check_non_negative_int("epoch", epoch)
     tfds = _import_tfds()
     import tensorflow as tf
 
@@ -64,6 +44,9 @@ def stream(
         read_config=tfds.ReadConfig(shuffle_seed=tf_seed),
     )
     _check_features(name, ds.element_spec)
+    num_examples = int(ds.cardinality())
+    if num_examples >= 0:  # tf.data.UNKNOWN_CARDINALITY (-2) or INFINITE (-1): unchecked
+        check_start(start, num_examples, batch_size)
     ds = ds.map(
         lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)},
         num_parallel_calls=tf.data.AUTOTUNE,
@@ -71,6 +54,8 @@ def stream(
     if shuffle:
         ds = ds.shuffle(buffer_size, seed=tf_seed, reshuffle_each_iteration=False)
     ds = ds.batch(batch_size).map(lambda b: _pad_tf_batch(b, batch_size))
+    if start:
+        ds = ds.skip(start)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     return iter(tfds.as_numpy(ds))
 
