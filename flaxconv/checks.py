@@ -1,6 +1,7 @@
 """Checks of in-memory image and label arrays before they train or are evaluated: the
 inputs that would otherwise give silently wrong numbers (finite losses from NaN pixels, a
-loss of 44 from unscaled floats, a perfect loss from a single class)."""
+loss of 44 from unscaled floats, a perfect loss from a single class); and of the training
+loss itself (:class:`NonFiniteLossError`)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,21 @@ def warn_one_class(labels: Any, what: str = "training labels") -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; ``step`` is the first bad step (1-based)."""
+
+    def __init__(self, step: int, loss: float, epoch: int | None = None):
+        self.step, self.loss, self.epoch = step, loss, epoch
+        where = f"step {step}" + ("" if epoch is None else f" (epoch {epoch + 1})")
+        super().__init__(
+            f"the training loss became {loss} at {where}; stopped (lower the learning "
+            f"rate or check the inputs). The last good checkpoint, if any, is kept."
+        )
+
+
+def first_non_finite(losses: np.ndarray) -> int | None:
+    """The index of the first NaN or infinite entry of ``losses`` (float ``[S]``), or None."""
+    bad = np.flatnonzero(~np.isfinite(losses))
+    return int(bad[0]) if bad.size else None

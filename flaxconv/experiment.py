@@ -27,7 +27,8 @@ from flaxconv import data, parallel, preemption, viz
 from flaxconv.checks import check_images
 from flaxconv.evaluation import evaluate
 from flaxconv.export import ExportError
-from flaxconv.fit import IncompatibleWorkdirError, NonFiniteLossError, _split, fit
+from flaxconv.fit import IncompatibleWorkdirError, NonFiniteLossError, fit
+from flaxconv.fit_inputs import validation_split_arrays
 from flaxconv.saved_model import SavedModelError
 from flaxconv.workdir import WorkdirLockedError, WorkdirWriteError, claim_workdir, write_json
 
@@ -100,7 +101,7 @@ def train_steps(config: ml_collections.ConfigDict, datasets: Datasets) -> int:
     validation set). What a learning-rate schedule is to span."""
     labels = datasets.train[1]
     if config.validation_split and datasets.validation is None:
-        labels = _split((None, labels), config.validation_split)[0][1]
+        labels = validation_split_arrays((None, labels), config.validation_split)[0][1]
     return config.epochs * math.ceil(len(labels) / config.batch_size)
 
 

@@ -10,7 +10,10 @@ Two data paths, picked by the type of ``train_data``:
   path gives that seed, a function of the state's rng and the epoch number alone.
 * a callable ``epoch -> iterable of batches`` (e.g. a ``flaxconv.data.stream`` pipeline): the
   streaming path, one donated jitted step per batch. For resume it must give the same
-  batches for the same epoch.
+  batches for the same epoch; one with a ``start`` parameter (``fc.data.stream``'s,
+  ``ImageFolder``'s, checked once by signature) is called as ``train_data(epoch,
+  start=k)`` and skips the ``k`` batches a resumed epoch has done without reading them;
+  the batches of any other are read and dropped.
 
 With a ``workdir``, every epoch ends with an Orbax checkpoint of the state, the history and
 the callbacks' state, then ``history.json``/``.csv``; training ends with ``curves.png``
@@ -32,7 +35,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flaxconv import epochs as ep
@@ -40,9 +42,18 @@ from flaxconv import history as history_lib
 from flaxconv import metrics as metrics_lib
 from flaxconv import optim, parallel, preemption
 from flaxconv.callbacks import Callback
+from flaxconv.callbacks.batch_hooks import BatchHooks
 from flaxconv.checkpoint import Checkpoints
-from flaxconv.checks import check_images, warn_one_class
-from flaxconv.evaluation import evaluate_sums
+from flaxconv.checks import NonFiniteLossError, check_images, first_non_finite, warn_one_class
+from flaxconv.fit_inputs import (
+    ArrayData,
+    as_arrays,
+    class_weight_vector,
+    takes_start,
+    validation_fn,
+    validation_split_arrays,
+    weighted_arrays,
+)
 from flaxconv.history import History
 from flaxconv.metrics import check_labels, model_classes
 from flaxconv.progress import Progress, resolve_verbose
@@ -64,9 +75,6 @@ from flaxconv.workdir import (  # noqa: F401 - re-exported: fc.fit's names of on
     write_json,
 )
 
-ArrayData = tuple[Any, Any]
-
-
 __all__ = [
     "History",
     "IncompatibleWorkdirError",
@@ -79,150 +87,6 @@ __all__ = [
     "make_workdir",
     "run_config",
 ]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss; ``step`` is the first bad step (1-based)."""
-
-    def __init__(self, step: int, loss: float, epoch: int | None = None):
-        self.step, self.loss, self.epoch = step, loss, epoch
-        where = f"step {step}" + ("" if epoch is None else f" (epoch {epoch + 1})")
-        super().__init__(
-            f"the training loss became {loss} at {where}; stopped (lower the learning "
-            f"rate or check the inputs). The last good checkpoint, if any, is kept."
-        )
-
-
-def _as_arrays(data: ArrayData, what: str) -> tuple[np.ndarray, np.ndarray]:
-    if not (isinstance(data, tuple | list) and len(data) == 2):
-        raise TypeError(f"{what} must be (images, labels) arrays; got {type(data).__name__}")
-    images, labels = data
-    if len(images) != len(labels):
-        raise ValueError(f"{what}: {len(images)} images but {len(labels)} labels")
-    return images, labels
-
-
-def _weighted_arrays(data: Any, what: str) -> tuple[Any, Any, np.ndarray | None]:
-    """``(images, labels)`` or Keras's ``(images, labels, sample_weight)`` as
-    ``(images, labels, float32 weights or None)``, checked."""
-    if isinstance(data, tuple | list) and len(data) == 3:
-        images, labels = _as_arrays(data[:2], what)
-        if data[2] is None:
-            return images, labels, None
-        weights = metrics_lib.check_sample_weight(data[2], len(labels), f"{what}[2] (weights)")
-        return images, labels, weights
-    return (*_as_arrays(data, what), None)
-
-
-def _split(arrays: tuple[Any, ...], fraction: float) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """Keras's validation_split: every array of ``arrays`` (None stays None) cut at
-    ``floor(N * (1 - fraction))`` into the first and the last part, unshuffled, with
-    Keras's own expression (``keras...array_slicing.train_validation_split``)."""
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float | np.floating) or not (
-        0.0 < fraction < 1.0
-    ):
-        raise ValueError(f"validation_split={fraction!r}; expected a fraction in (0, 1)")
-    n = len(arrays[1])
-    cut = int(math.floor(n * (1.0 - fraction)))
-    if cut == 0 or cut == n:
-        raise ValueError(
-            f"validation_split={fraction} of {n} examples leaves an empty split "
-            f"({cut} for training)"
-        )
-    return (tuple(None if a is None else a[:cut] for a in arrays),
-            tuple(None if a is None else a[cut:] for a in arrays))
-
-
-def _class_weight_vector(class_weight: Any, classes: int) -> np.ndarray:
-    """Keras's ``class_weight`` (a dict class id -> weight; absent classes weigh 1.0) as
-    float32 ``[classes]``: example ``i`` weighs ``vector[labels[i]]``, multiplying its loss.
-    Unlike Keras, a key outside ``[0, classes)`` or a weight that is negative or not
-    finite is an error naming it (Keras ignores the one and trains on the other)."""
-    if not isinstance(class_weight, dict):
-        raise TypeError(
-            f"class_weight is a {type(class_weight).__name__}; expected a dict class id -> weight"
-        )
-    vector = np.ones(classes, np.float32)
-    for key, value in class_weight.items():
-        if isinstance(key, bool) or not isinstance(key, int | np.integer) or not (
-            0 <= key < classes
-        ):
-            raise ValueError(
-                f"class_weight has the key {key!r}; expected class ids in [0, {classes})"
-            )
-        if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not (
-            np.isfinite(value) and value >= 0
-        ):
-            raise ValueError(
-                f"class_weight[{key}]={value!r}; expected a finite number >= 0"
-            )
-        vector[int(key)] = value
-    return vector
-
-
-def _first_non_finite(losses: np.ndarray) -> int | None:
-    bad = np.flatnonzero(~np.isfinite(losses))
-    return int(bad[0]) if bad.size else None
-
-
-class _BatchHooks:
-    """The callbacks with a ``batch_interval`` (see :mod:`flaxconv.callbacks`): after which
-    steps of an epoch they run, and their calls with the epoch's running logs."""
-
-    def __init__(self, callbacks: Sequence[Callback]):
-        self.callbacks = []
-        for callback in callbacks:
-            interval = getattr(callback, "batch_interval", None)
-            if interval is None:
-                continue
-            if isinstance(interval, bool) or not isinstance(interval, int | np.integer) or (
-                interval < 1
-            ):
-                raise ValueError(
-                    f"{type(callback).__name__}.batch_interval={interval!r}; expected a "
-                    f"positive integer number of steps or None"
-                )
-            self.callbacks.append(callback)
-        self.begin_epoch(0, 0)
-
-    def __bool__(self) -> bool:
-        return bool(self.callbacks)
-
-    def begin_epoch(self, epoch: int, first_step: int, prior: Any = None) -> None:
-        """An epoch whose step 0 is global step ``first_step + 1``; ``prior``: the per-step
-        sums of its steps already done (a preempted epoch's first part), or None."""
-        self.epoch, self.first_step, self.prior = epoch, first_step, prior
-
-    def _due(self, done: int) -> list[Callback]:
-        step = self.first_step + done
-        return [c for c in self.callbacks if step % int(c.batch_interval) == 0]
-
-    def cuts(self, start: int, steps: int) -> list[int]:
-        """The step counts in ``(start, steps]`` after which some callback is due."""
-        return [done for done in range(start + 1, steps + 1) if self._due(done)]
-
-    def __call__(self, state: TrainState, done: int, per_step: list[Any]) -> TrainState:
-        """Runs the callbacks due after ``done`` steps of the epoch (``per_step``: the sums
-        of this call's steps, in order) and returns the state they leave."""
-        due = self._due(done)
-        if not due:
-            return state
-        parts = [] if self.prior is None else [self.prior]
-        parts += per_step
-        sums = jax.tree.map(
-            lambda *xs: np.concatenate([np.atleast_1d(np.asarray(x)) for x in xs]), *parts
-        )
-        losses = sums["loss_sum"] / np.maximum(sums["count"], 1)
-        bad = _first_non_finite(losses)
-        if bad is not None:  # before any callback sees (or saves) the state
-            raise NonFiniteLossError(self.first_step + bad + 1, float(losses[bad]), self.epoch)
-        count = max(float(np.sum(sums["count"])), 1.0)
-        logs = {"loss": float(np.sum(sums["loss_sum"])) / count,
-                "accuracy": float(np.sum(sums["correct"])) / count}
-        for callback in due:
-            new_state = callback.on_train_batch_end(done - 1, dict(logs), state)
-            state = state if new_state is None else new_state
-        return state
 
 
 def fit(
@@ -249,7 +113,8 @@ def fit(
       state: from :func:`flaxconv.create_train_state` (or a restored one).
       train_data: ``(images, labels)`` arrays — uint8/float ``[N, H, W, C]`` and int ``[N]``,
         trained device-resident — or a callable ``epoch -> iterable of batch dicts``
-        (streaming; then give ``steps_per_epoch`` for the progress bar).
+        (streaming; then give ``steps_per_epoch`` for the progress bar), optionally with a
+        ``start`` parameter: ``train_data(epoch, start=k)`` from batch ``k`` on (resume).
       epochs: total epochs; a resumed run continues up to this number.
       batch_size: for array data; the last partial batch is padded and masked.
       validation_data: ``(images, labels)`` or ``(images, labels, sample_weight)``,
@@ -313,15 +178,15 @@ def fit(
     if sample_weight is not None and class_weight is not None:
         raise ValueError("class_weight and sample_weight together: Keras refuses them too; "
                          "fold the class weights into sample_weight")
-    class_weights = None if class_weight is None else _class_weight_vector(class_weight, classes)
+    class_weights = None if class_weight is None else class_weight_vector(class_weight, classes)
     weights, val_weights = None, None
     if not streaming:
-        train_data = _as_arrays(train_data, "train_data")
+        train_data = as_arrays(train_data, "train_data")
         if sample_weight is not None:
             weights = metrics_lib.check_sample_weight(sample_weight, len(train_data[1]))
         if validation_split and validation_data is None:
-            (*train_data, weights), validation_data = _split((*train_data, weights),
-                                                             validation_split)
+            (*train_data, weights), validation_data = validation_split_arrays(
+                (*train_data, weights), validation_split)
         check_labels(train_data[1], classes, "training labels")
         check_images(train_data[0], "training images")  # NaN pixels, unscaled floats
         warn_one_class(train_data[1])
@@ -334,11 +199,11 @@ def fit(
             weights = parallel.replicate(weights, parallel.mesh_of(state.params))
         steps_per_epoch = plan.steps
     if validation_data is not None:
-        *validation_data, val_weights = _weighted_arrays(validation_data, "validation_data")
+        *validation_data, val_weights = weighted_arrays(validation_data, "validation_data")
         check_labels(validation_data[1], classes, "validation labels")
         check_images(validation_data[0], "validation images")
-        validate = _validation(validation_data, val_weights, val_spec, eval_batch_size)
-    hooks = _BatchHooks(callbacks)
+        validate = validation_fn(validation_data, val_weights, val_spec, eval_batch_size)
+    hooks = BatchHooks(callbacks)
     # A resumed run must weigh its examples as the first one did.
     if class_weight is not None:
         config = {**(config or {}), "class_weight": class_weights.tolist()}
@@ -394,6 +259,7 @@ def fit(
                 callback.on_train_begin(state, workdir)
         progress = Progress(verbose, epochs, steps_per_epoch)
         chunks = None if streaming else ep.scan_chunks(state, plan, verbose == "bar")
+        skips = streaming and takes_start(train_data)
         last = start_epoch if stopped else epochs  # a stopped run stays stopped
         for epoch in range(start_epoch, last):
             progress.begin(epoch)
@@ -407,7 +273,10 @@ def fit(
             hooks.begin_epoch(epoch, first_step, partial.sums if done else None)
             start = time.perf_counter()
             if streaming:
-                batches = itertools.islice(train_data(epoch), done, None)  # Keras-like skip
+                # A resumed epoch starts after the batches done: train_data skips them
+                # unread when it takes a `start`; otherwise they are read and dropped.
+                batches = (train_data(epoch, start=done) if skips
+                           else itertools.islice(train_data(epoch), done, None))
                 state, sums, complete = ep.run_stream_epoch(
                     state, batches, start=done, class_weights=class_weights,
                     check=lambda y: check_labels(y, classes, "training labels"),
@@ -427,7 +296,7 @@ def fit(
                 sums = jax.tree.map(lambda a, b: np.concatenate([a, b]), partial.sums, sums)
                 seconds += partial.seconds
             losses = sums["loss_sum"] / np.maximum(sums["count"], 1)
-            bad = _first_non_finite(losses)
+            bad = first_non_finite(losses)
             if bad is not None:
                 raise NonFiniteLossError(first_step + bad + 1, float(losses[bad]), epoch)
             if not complete:  # stopped for a preemption: save the steps done, exit
@@ -493,22 +362,6 @@ def fit(
     return state, history
 
 
-def _validation(data: tuple[Any, Any], weights: np.ndarray | None, spec: metrics_lib.Spec,
-                batch_size: Any) -> Callable[[TrainState], dict[str, Any]]:
-    """fit's per-epoch validation: ``fc.evaluate``'s engine with the checks done once (by
-    the caller) and the arrays put on the device once, so each epoch's validation is one
-    jitted :data:`flaxconv.evaluation.evaluate_sums` and its :func:`metrics.compute`."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or (
-        batch_size <= 0
-    ):
-        raise ValueError(f"eval_batch_size={batch_size!r}; expected a positive integer")
-    images, labels = data
-    plan = ep.epoch_plan(len(labels), min(int(batch_size), len(labels)))
-    arrays = (jnp.asarray(images), jnp.asarray(labels, jnp.int32), plan.indices(None),
-              plan.mask, None if weights is None else jnp.asarray(weights))
-    return lambda state: metrics_lib.compute(evaluate_sums(state, *arrays, spec=spec), spec)
-
-
 def _current_lr(state: TrainState) -> float:
     """The injected learning rate (NaN for an optimizer without one, e.g. plain optax)."""
     try:
@@ -525,3 +378,4 @@ def __getattr__(name: str) -> Any:
                   "flaxconv.epochs.data_order_key (or flaxconv.epochs.order_seed)",
                   DeprecationWarning, stacklevel=2)
     return ep.data_order_key
+

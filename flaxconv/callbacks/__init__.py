@@ -39,6 +39,8 @@ The callbacks, one concern a module:
   :class:`StopAtThreshold`.
 * :mod:`~flaxconv.callbacks.model_checkpoint`: :class:`ModelCheckpoint`.
 * :mod:`~flaxconv.callbacks.tensorboard`: :class:`TensorBoard`.
+* :mod:`~flaxconv.callbacks.batch_hooks`: how ``fit`` runs the ones with a
+  ``batch_interval`` inside an epoch.
 
 A callback object holds the state of one training run: give each ``fit`` call new ones.
 
