@@ -8,7 +8,6 @@
 """
 
 from flaxconv import (
-    _deprecation,
     augment,
     callbacks,
     checkpoint,
@@ -51,20 +50,6 @@ from flaxconv.viz import summary
 
 __version__ = "0.1.0"
 
-# Kept one release, each warning with the name to use instead.
-_DEPRECATED: _deprecation.Aliases = {
-    "summarize": ("flaxconv.metrics.compute(sums) (or fc.evaluate for a dataset); "
-                  "fc.summary is the model table", lambda: metrics._summarize),
-    "evaluate_population": ("fc.evaluate(states, images, labels) (finished numbers per "
-                            "member)", lambda: population._evaluate_population),
-    "ensemble_evaluate": ("fc.evaluate(states, images, labels, ensemble=True)",
-                          lambda: population._ensemble_evaluate),
-}
-
-
-__getattr__ = _deprecation.module_getattr(__name__, _DEPRECATED)
-
-
 # What each kind of user needs; everything else lives in its submodule.
 __all__ = [
     # the script user: build, train, evaluate, save
@@ -100,3 +85,8 @@ __all__ = [
     "parallel",
     "population",
 ]
+
+# Last: the previous release's names, as deprecated aliases (see flaxconv._compat).
+from flaxconv import _compat  # noqa: E402
+
+_compat.install()

@@ -187,56 +187,6 @@ def evaluate(
 
 
 # ----------------------------------------------------------- the old raw-sum entry points
-# Kept one release behind deprecation warnings (see flaxconv.epochs, flaxconv.population):
-# the engine's statistics in the old keys, so old callers get the same numbers.
-
-_LOSS_ACCURACY = metrics_lib.spec(("loss", "accuracy"))
-
-
-def _legacy_sums(stats: dict[str, jax.Array], confusion: bool = True) -> dict[str, jax.Array]:
-    """``{"loss_sum", "correct", "count", "invalid_labels", "confusion"}`` (float32) from
-    :func:`evaluate_sums_fn` statistics: the keys of :func:`flaxconv.steps.eval_step`."""
-    matrix = stats["confusion"].astype(jnp.float32)
-    count = stats["count"].astype(jnp.float32)
-    out = {
-        "loss_sum": stats["loss_sum"],
-        "correct": jnp.trace(matrix, axis1=-2, axis2=-1),
-        "count": count,
-    }
-    if confusion:
-        out.update(invalid_labels=jnp.zeros_like(count), confusion=matrix)
-    return out
-
-
-def _legacy_sums_fn(state, images, labels, indices, mask):
-    """The old ``flaxconv.epochs.evaluate_fn``: eval_step's metric sums over all batches."""
-    return _legacy_sums(evaluate_sums_fn(state, images, labels, indices, mask,
-                                         spec=_LOSS_ACCURACY))
-
-
-def _legacy_ensemble_sums_fn(states, images, labels, indices, mask):
-    """The old ``flaxconv.population.ensemble_evaluate_fn``: loss_sum, correct, count."""
-    stats = evaluate_sums_fn(states, images, labels, indices, mask, spec=_LOSS_ACCURACY,
-                             ensemble=True)
-    return _legacy_sums(stats, confusion=False)
-
-
-_legacy_sums_jit = jax.jit(_legacy_sums_fn)
-_legacy_ensemble_sums_jit = jax.jit(_legacy_ensemble_sums_fn)
-
-
-def _legacy_evaluate(state, images, labels, batch_size: int = 1000, *, ensemble: bool = False):
-    """The old raw-sum ``evaluate``s (``fc.epochs.evaluate``, ``evaluate_population``,
-    ``ensemble_evaluate``) on a whole array dataset, through the engine."""
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    metrics_lib.check_labels(labels, metrics_lib.model_classes(state))
-    plan = ep.epoch_plan(len(labels), min(batch_size, len(labels)))
-    fn = _legacy_ensemble_sums_jit if ensemble else _legacy_sums_jit
-    return fn(state, jnp.asarray(images), jnp.asarray(labels, jnp.int32), plan.indices(None),
-              plan.mask)
-
-
 __all__ = [
     "ensemble_log_probs",
     "ensemble_log_probs_fn",

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from flaxconv import _deprecation, optim
+from flaxconv import optim
 from flaxconv.state import TrainState
 
 
@@ -226,16 +226,6 @@ def flat_variables(state: TrainState | Any) -> dict[tuple[str, ...], Any]:
 def _same_bits(x: Any, y: Any) -> bool:
     x, y = np.asarray(x), np.asarray(y)
     return x.shape == y.shape and x.dtype == y.dtype and x.tobytes() == y.tobytes()
-
-
-# Kept one release: flaxconv.optim.freeze is the optimizer's (a tx in, a tx out).
-_DEPRECATED: _deprecation.Aliases = {
-    "freeze": ("flaxconv.finetune.freeze_state (flaxconv.optim.freeze wraps an optimizer)",
-               lambda: freeze_state),
-}
-
-
-__getattr__ = _deprecation.module_getattr(__name__, _DEPRECATED)
 
 
 __all__ = [

@@ -368,14 +368,3 @@ def _current_lr(state: TrainState) -> float:
         return float(optim.learning_rate(state.opt_state))
     except ValueError:
         return math.nan
-
-
-def __getattr__(name: str) -> Any:
-    # Moved to flaxconv.epochs (the one epoch module); kept one release.
-    if name != "data_order_key":
-        raise AttributeError(f"module 'flaxconv.fit' has no attribute {name!r}")
-    warnings.warn("flaxconv.fit.data_order_key is deprecated; use "
-                  "flaxconv.epochs.data_order_key (or flaxconv.epochs.order_seed)",
-                  DeprecationWarning, stacklevel=2)
-    return ep.data_order_key
-

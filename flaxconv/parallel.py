@@ -62,7 +62,6 @@ directory must be on a file system that every process sees.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -379,27 +378,3 @@ __all__ = [
     "replicated",
     "shard_batch",
 ]
-
-
-# Moved to flaxconv.epochs (the one epoch module); kept one release as deprecated aliases.
-_MOVED = ("DataParallelPlan", "epoch_plan", "place_for_fit")
-
-
-def _deprecated_epoch_plan(num_examples, batch_size, mesh=None, drop_remainder=False,
-                           axis=DATA):
-    """Deprecated: ``flaxconv.epochs.epoch_plan(..., mesh=mesh)``."""
-    from flaxconv import epochs
-
-    mesh = data_mesh() if mesh is None else mesh
-    return epochs.epoch_plan(num_examples, batch_size, drop_remainder, mesh=mesh, axis=axis)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MOVED:
-        raise AttributeError(f"module 'flaxconv.parallel' has no attribute {name!r}")
-    from flaxconv import epochs
-
-    new = "epoch_plan(..., mesh=mesh)" if name == "epoch_plan" else name
-    warnings.warn(f"flaxconv.parallel.{name} is deprecated; use flaxconv.epochs.{new}",
-                  DeprecationWarning, stacklevel=2)
-    return _deprecated_epoch_plan if name == "epoch_plan" else getattr(epochs, name)

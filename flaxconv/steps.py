@@ -30,7 +30,6 @@ chosen by ``state.kernels``.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import jax
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flaxconv import _deprecation, kernels
+from flaxconv import kernels
 from flaxconv.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -267,14 +266,3 @@ predict = jax.jit(predict_fn)
 def add_metrics(a: Metrics | None, b: Metrics) -> Metrics:
     """Elementwise sum of two metric-sum dicts (``a`` may be None)."""
     return b if a is None else jax.tree.map(jnp.add, a, b)
-
-
-# Kept one release: summed step metrics are finished by flaxconv.metrics.compute (the one
-# finisher, which fc.evaluate uses too); fc.summary is the model table.
-_DEPRECATED: _deprecation.Aliases = {
-    "summarize": ("flaxconv.metrics.compute(sums) (or fc.evaluate for a dataset)",
-                  lambda: importlib.import_module("flaxconv.metrics")._summarize),
-}
-
-
-__getattr__ = _deprecation.module_getattr(__name__, _DEPRECATED)

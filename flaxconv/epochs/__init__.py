@@ -62,16 +62,3 @@ __all__ = [
     "train_steps",
     "train_steps_fn",
 ]
-
-
-def __getattr__(name: str):
-    # Kept one release: evaluation is one engine, flaxconv.evaluation (fc.evaluate).
-    from flaxconv import _deprecation, evaluation
-
-    return _deprecation.resolve(__name__, name, {
-        "evaluate": ("fc.evaluate (finished numbers; flaxconv.evaluation.evaluate_sums for "
-                     "the sums)", lambda: evaluation._legacy_evaluate),
-        "evaluate_fn": ("flaxconv.evaluation.evaluate_sums_fn", lambda: evaluation._legacy_sums_fn),
-        "evaluate_arrays": ("flaxconv.evaluation.evaluate_sums",
-                            lambda: evaluation._legacy_sums_jit),
-    })

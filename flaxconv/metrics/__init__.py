@@ -34,7 +34,7 @@ loss is Keras's ``sum_over_batch_size`` reduction, ``sum(w * loss) / N``.
 ...                        "confusion"))
 >>> numbers["f1_score"], numbers["f1_score_per_class"], numbers["confusion"]
 
-:func:`flaxconv.evaluation.evaluate` (``fc.evaluate``, also ``fc.metrics.evaluate``) is the
+:func:`flaxconv.evaluation.evaluate` (``fc.evaluate``; ``fc.metrics.evaluate`` is deprecated) is the
 engine that runs these over a dataset. In a loop of one's own: ``s = spec(names)``, sum
 ``stats_fn(logits, labels, mask, spec=s)`` (or ``stats_fn(logits, labels, mask, weight,
 spec=s)``) over batches (it jits, scans and vmaps), then ``compute(sums, s)``.
@@ -48,14 +48,7 @@ inputs (:mod:`flaxconv.metrics.statistics`), and the finisher :func:`compute`
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from flaxconv import _deprecation
 from flaxconv.metrics.finish import (
-    _average_scores,
-    _precision_recall_f1,
-    _summarize,  # noqa: F401  (fc.summarize, deprecated, reaches it here)
     compute,
     roc_auc_from_histograms,
 )
@@ -67,25 +60,6 @@ from flaxconv.metrics.statistics import (
     stats_fn,
 )
 from flaxconv.metrics.vocabulary import ALIASES, AVERAGES, NAMES, Spec, spec
-
-_DEPRECATED: _deprecation.Aliases = {
-    "num_classes": ("flaxconv.metrics.model_classes (flaxconv.data.num_classes is a "
-                    "dataset's)", lambda: model_classes),
-    # Helpers of compute, private now; kept one release.
-    "average_scores": ("flaxconv.metrics.compute (names such as 'f1_score_micro')",
-                       lambda: _average_scores),
-    "precision_recall_f1": ("flaxconv.metrics.compute (the '<name>_per_class' arrays)",
-                            lambda: _precision_recall_f1),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name == "evaluate":
-        # The engine that runs this vocabulary is fc.metrics.evaluate too (one object, not
-        # a copy); looked up on use because flaxconv.evaluation imports this module.
-        return importlib.import_module("flaxconv.evaluation").evaluate
-    return _deprecation.resolve(__name__, name, _DEPRECATED)
-
 
 __all__ = [
     "ALIASES",

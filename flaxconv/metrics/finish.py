@@ -194,12 +194,4 @@ def compute(sums: dict[str, Any], spec: Spec | None = None) -> dict[str, Any]:
     return out
 
 
-def _summarize(sums: dict[str, Any]) -> dict[str, Any]:
-    """The old ``fc.summarize``: ``{"loss", "accuracy"}`` of summed step metrics (floats,
-    or ``[K]`` arrays with a member axis), through :func:`compute`. Numbers already
-    finished (``fc.evaluate``'s, which used to return sums) pass through."""
-    out = sums if "loss_sum" not in sums and "correct" not in sums else compute(sums)
-    return {"loss": out["loss"], "accuracy": out["accuracy"]}
-
-
 _LOSS_ACCURACY = spec(("loss", "accuracy"))

@@ -45,7 +45,6 @@ The package, one concern a module (each name is also here, as ``flaxconv.populat
 
 from __future__ import annotations
 
-from flaxconv import _deprecation, evaluation
 from flaxconv.evaluation import ensemble_log_probs, ensemble_log_probs_fn
 from flaxconv.population.members import (
     create_population,
@@ -77,37 +76,6 @@ from flaxconv.population.training import (
 
 # Reachable here, as before the split, though not in __all__.
 from flaxconv.population.training import resolve_vmap_size as resolve_vmap_size
-from flaxconv.steps import Metrics
-
-# The old raw-sum evaluations, kept one release behind the deprecated names below.
-
-
-def _evaluate_population(states, images, labels, batch_size: int = 500) -> Metrics:
-    """The old raw-sum evaluation of each member: eval_step's sums with a member axis."""
-    num_members(states)
-    return evaluation._legacy_evaluate(states, images, labels, batch_size)
-
-
-def _ensemble_evaluate(states, images, labels, batch_size: int = 500) -> Metrics:
-    """The old raw-sum evaluation of the ensemble: ``loss_sum``, ``correct``, ``count``."""
-    num_members(states)
-    return evaluation._legacy_evaluate(states, images, labels, batch_size, ensemble=True)
-
-
-_DEPRECATED: _deprecation.Aliases = {
-    "evaluate_population": ("fc.evaluate(states, images, labels) (finished numbers per "
-                            "member)", lambda: _evaluate_population),
-    "ensemble_evaluate": ("fc.evaluate(states, images, labels, ensemble=True)",
-                          lambda: _ensemble_evaluate),
-    "ensemble_evaluate_fn": ("flaxconv.evaluation.evaluate_sums_fn(..., ensemble=True)",
-                             lambda: evaluation._legacy_ensemble_sums_fn),
-    "replicate": ("flaxconv.population.replicate_data (flaxconv.parallel.replicate "
-                  "defaults to the data mesh)", lambda: replicate_data),
-}
-
-
-__getattr__ = _deprecation.module_getattr(__name__, _DEPRECATED)
-
 
 __all__ = [
     "MEMBERS",
