@@ -352,7 +352,7 @@ def create_train_state(
         params=params,
         batch_stats=batch_stats,
         # One compiled program instead of an eager op (and its compile) per leaf.
-        opt_state=jax.jit(tx.init)(params),
+        opt_state=_jit_once(tx.init)(params),
         rng=jax.random.key_data(train_key),
         model=model,
         tx=tx,
@@ -378,13 +378,42 @@ def _nnx_module(model: Any, key: jax.Array) -> nnx.Module:
     return module
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _init_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]):
+#: XLA options for the programs that run once per state (initialization): on CPU, XLA's
+#: backend optimizations take about 1 s to compile a convnet's init and save microseconds
+#: of its run. Known to jaxlib 0.10 through 0.12; ``tests/test_steps.py`` fails when the
+#: installed jaxlib no longer accepts them (then initialization compiles as usual).
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def _jit_once(fn, **jit_kwargs):
+    """``jax.jit(fn)`` compiled with :data:`INIT_COMPILER_OPTIONS` on CPU; an XLA that
+    refuses them gets the plain ``jax.jit(fn)``. Each form keeps jit's own cache."""
+    fast = jax.jit(fn, compiler_options=INIT_COMPILER_OPTIONS, **jit_kwargs)
+    plain = jax.jit(fn, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def call(*args):
+        if jax.default_backend() != "cpu":
+            return plain(*args)
+        try:
+            return fast(*args)
+        except Exception as error:  # noqa: BLE001 - only the options' own refusal is ours
+            if not any(option in str(error) for option in INIT_COMPILER_OPTIONS):
+                raise
+            return plain(*args)
+
+    return call
+
+
+def _init_variables_fn(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]):
     # Jitted once per (model, input shape): modules are hashable dataclasses. A "dropout"
     # stream too, for NNX modules bridged by nnx.bridge.to_linen whose nnx.Dropout takes its
     # rngs at construction; linen's params do not depend on it.
     rngs = {"params": key, "dropout": key}
     return model.init(rngs, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+
+
+_init_variables = _jit_once(_init_variables_fn, static_argnums=(0, 2))
 
 
 def num_params(params: Any) -> int:

@@ -243,3 +243,32 @@ def test_batch_weight_is_keras_sample_weight_and_keeps_padding_masked():
                                 jax.tree.map(lambda x: 0.5 * x[1], steps), atol=1e-7)
     with pytest.raises(ValueError, match=r"batch\['weight'\] is float32\[3\]; expected .*\[16\]"):
         fc.train_step(state, {**batch, "weight": np.ones(3, np.float32)})
+
+
+def test_initialization_compiles_without_backend_optimizations_and_gives_the_same_state():
+    # The installed jaxlib must accept the options: if a release drops them, this fails
+    # instead of initialization silently compiling ~1 s longer on CPU.
+    from flaxconv import state as state_lib
+
+    x = jnp.zeros((1, 28, 28, 1))
+    model = fc.models.get("dlwp_mnist")
+    init = lambda key: model.init({"params": key}, x, train=False)  # noqa: E731
+    jax.jit(init, compiler_options=state_lib.INIT_COMPILER_OPTIONS).lower(
+        jax.random.key(0)).compile()
+    # Bit for bit the parameters of XLA's optimized program, so results do not move.
+    state = fc.create_train_state(jax.random.key(3), model, fc.optim.make("rmsprop"), x)
+    init_key = jax.random.split(jax.random.key(3))[0]
+    plain = jax.jit(lambda key: model.init({"params": key, "dropout": key}, x, train=False))
+    chex.assert_trees_all_equal(state.params, plain(init_key)["params"])
+    chex.assert_trees_all_equal(state.opt_state, jax.jit(state.tx.init)(state.params))
+
+
+def test_an_xla_that_refuses_the_init_options_compiles_as_usual(monkeypatch):
+    from flaxconv import state as state_lib
+
+    monkeypatch.setattr(state_lib, "INIT_COMPILER_OPTIONS", {"xla_no_such_option": 0})
+    double = state_lib._jit_once(lambda x: 2 * x)
+    np.testing.assert_array_equal(double(jnp.arange(3.0)), [0.0, 2.0, 4.0])
+    failing = state_lib._jit_once(lambda x: x.reshape(7))  # the function's own error stays
+    with pytest.raises(TypeError, match="reshape"):
+        failing(jnp.arange(3.0))
