@@ -170,6 +170,7 @@ def fit(
     val_spec = metrics_lib.spec(("loss", "accuracy", *metrics), weighted_metrics=False)
     classes = model_classes(state)
     streaming = callable(train_data)
+    skips = streaming and takes_start(train_data)  # resumes by start=, not by reading
     if streaming and validation_split:
         raise ValueError("validation_split needs array train_data; pass validation_data instead")
     if streaming and sample_weight is not None:
@@ -259,7 +260,6 @@ def fit(
                 callback.on_train_begin(state, workdir)
         progress = Progress(verbose, epochs, steps_per_epoch)
         chunks = None if streaming else ep.scan_chunks(state, plan, verbose == "bar")
-        skips = streaming and takes_start(train_data)
         last = start_epoch if stopped else epochs  # a stopped run stays stopped
         for epoch in range(start_epoch, last):
             progress.begin(epoch)

@@ -62,3 +62,24 @@ def _env_dir() -> Path | None:
 def _some(items: list[str], limit: int = 5) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def num_batches(num_examples: int, batch_size: int) -> int:
+    """Batches in one epoch of ``num_examples``, the last one padded: ``ceil(N / B)``."""
+    return -(-num_examples // batch_size)
+
+
+def check_start(start: int, num_examples: int, batch_size: int) -> int:
+    """``start`` as an int: a number of batches to skip, at most the epoch's batches.
+
+    Raises:
+      ValueError: naming ``start`` and the epoch's number of batches.
+    """
+    _check_non_negative_int("start", start)
+    total = num_batches(num_examples, batch_size)
+    if start > total:
+        raise ValueError(
+            f"start={start}; expected at most {total}, the batches of one epoch "
+            f"({num_examples} examples, batch_size={batch_size})"
+        )
+    return int(start)

@@ -35,7 +35,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from flaxconv.data._common import Batch, _check_non_negative_int, _check_positive_int
+from flaxconv.data._common import (
+    Batch,
+    _check_non_negative_int,
+    _check_positive_int,
+    check_start,
+    num_batches,
+)
 from flaxconv.epochs.order import epoch_order, pad_batch
 
 #: The most read threads :func:`default_workers` picks.
@@ -104,27 +110,6 @@ def check_workers(workers: int | None) -> int:
             "(read in the consuming thread) or a positive int (read threads)"
         )
     return int(workers)
-
-
-def num_batches(num_examples: int, batch_size: int) -> int:
-    """Batches in one epoch of ``num_examples``, the last one padded: ``ceil(N / B)``."""
-    return -(-num_examples // batch_size)
-
-
-def check_start(start: int, num_examples: int, batch_size: int) -> int:
-    """``start`` as an int: a number of batches to skip, at most the epoch's batches.
-
-    Raises:
-      ValueError: naming ``start`` and the epoch's number of batches.
-    """
-    _check_non_negative_int("start", start)
-    total = num_batches(num_examples, batch_size)
-    if start > total:
-        raise ValueError(
-            f"start={start}; expected at most {total}, the batches of one epoch "
-            f"({num_examples} examples, batch_size={batch_size})"
-        )
-    return int(start)
 
 
 def grain_batches(

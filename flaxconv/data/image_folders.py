@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from flaxconv.data import images as _images
-from flaxconv.data._common import Batch, _check_non_negative_int, _check_positive_int, _some
+from flaxconv.data._common import (
+    Batch,
+    _check_non_negative_int,
+    _check_positive_int,
+    _some,
+    num_batches,
+)
 from flaxconv.data.folder_index import (
     check_class_names,
     check_encodable,
@@ -22,7 +28,7 @@ from flaxconv.data.folder_index import (
     index_classes,
     index_files,
 )
-from flaxconv.data.grain_stream import default_workers, grain_batches, in_order, num_batches
+from flaxconv.data.grain_stream import default_workers, grain_batches, in_order
 from flaxconv.epochs.order import epoch_order
 
 _LABEL_MODES = ("int", "categorical", "binary", None)

@@ -9,8 +9,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from flaxconv.data._common import Batch
-from flaxconv.data.grain_stream import check_start
+from flaxconv.data._common import Batch, check_start
 from flaxconv.data.sources import _check_features, _import_tfds, _prepared_builder
 
 
