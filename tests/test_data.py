@@ -382,3 +382,50 @@ def test_real_tfds_slice_and_stream(real_mnist_tfds, monkeypatch):
     np.testing.assert_array_equal(first, shuffled(0, 0))
     assert not np.array_equal(first, shuffled(0, 1))
     assert collections.Counter(first.tolist()) == collections.Counter(splits["test"][1].tolist())
+
+
+@needs_real_data
+def test_array_record_preparations_read_without_tensorflow(real_mnist_tfds, tmp_path):
+    """A dataset tfds prepared as array_record (``tfds.data_source``'s format) loads with
+    TensorFlow not importable, as on a Colab TPU runtime; a tfrecord preparation is refused
+    in one line that says what to do."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("tensorflow")  # preparing needs it
+    tfrecord_dir, splits = real_mnist_tfds
+    builder = tfds.builder("mnist", data_dir=tmp_path, file_format="array_record")
+    builder.download_and_prepare(
+        download_dir=tmp_path / "downloads",
+        download_config=tfds.download.DownloadConfig(manual_dir=Path(REAL_DATA_DIR) / "mnist"),
+    )
+    code = (
+        "import sys\n"
+        "import importlib.machinery as m\n"
+        "class NoTensorFlow(m.PathFinder):  # as if not installed: found nowhere (tfds\n"
+        "    @classmethod  # reads a None in sys.modules as 'loaded')\n"
+        "    def find_spec(cls, name, path=None, target=None):\n"
+        "        if name.split('.')[0] != 'tensorflow':\n"
+        "            return super().find_spec(name, path, target)\n"
+        "sys.meta_path[sys.meta_path.index(m.PathFinder)] = NoTensorFlow\n"
+        "import numpy as np\n"
+        "from flaxconv import data\n"
+        "images, labels = data.load('mnist', 'test', source='tfds', data_dir=sys.argv[1])\n"
+        "np.save(sys.argv[3], images); np.save(sys.argv[4], labels)\n"
+        "try:\n"
+        "    data.load('mnist', 'test', source='tfds', data_dir=sys.argv[2])\n"
+        "except data.DatasetUnavailableError as err:\n"
+        "    print(err)\n"
+        "print([m for m in sys.modules if m.startswith('tensorflow.')])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), str(tfrecord_dir),
+         str(tmp_path / "images.npy"), str(tmp_path / "labels.npy")],
+        env={**os.environ}, capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.returncode == 0, out.stderr
+    # The same examples in the same order as the TensorFlow path reads from its tfrecords.
+    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), splits["test"][0])
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), splits["test"][1])
+    refusal, modules = out.stdout.strip().splitlines()
+    assert "dataset 'mnist' is unavailable" in refusal and "array_record" in refusal
+    assert "tfds.data_source('mnist'" in refusal and modules == "[]"

@@ -22,8 +22,10 @@ import numpy as np
 
 from flaxconv.data._common import (
     DATA_DIR_ENV,
+    DatasetUnavailableError,
     _corrupt_gzip,
     _env_dir,
+    _one_line,
     _unavailable,
 )
 
@@ -159,7 +161,9 @@ def load(
             ``$FLAXCONV_DATA_DIR/<name>/`` when that folder exists, else downloaded), or
             ``"auto"``: ``"raw"`` when ``$FLAXCONV_DATA_DIR/<name>/`` holds the split's
             IDX files (the same data without importing TensorFlow, seconds faster), else
-            ``"tfds"`` if tensorflow_datasets and tensorflow are importable, else ``"raw"``.
+            ``"tfds"`` if tensorflow_datasets is importable, else ``"raw"``. Without
+            TensorFlow installed, ``"tfds"`` reads a preparation in the array_record format
+            (``tfds.data_source``'s) and refuses, in one line, to prepare one.
         data_dir: tfds data dir holding prepared datasets (tfds's default, usually
             ``~/tensorflow_datasets``, when None). Unused by ``"raw"``.
 
@@ -188,14 +192,22 @@ def _raw_files_present(name: str, split: str) -> bool:
 
 
 def _tfds_importable() -> bool:
-    # The tfds source needs TensorFlow too (as_dataset); find_spec avoids importing it here.
-    if importlib.util.find_spec("tensorflow") is None:
-        return False
+    """Whether tensorflow_datasets imports (with TensorFlow, or without it: then only its
+    array_record preparations can be read, see :func:`_load_data_source`)."""
     try:
         import tensorflow_datasets  # noqa: F401
     except Exception:  # tfds 4.9.10 can fail with non-ImportErrors on broken installs
         return False
     return True
+
+
+def _tensorflow_importable() -> bool:
+    # find_spec: whether it is installed, without importing it (seconds). A None entry in
+    # sys.modules or an import hook that refuses it raises instead.
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ValueError, ImportError):
+        return False
 
 
 def _load_raw(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -270,6 +282,8 @@ def _import_tfds():
 
 def _load_tfds(name: str, split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
     tfds = _import_tfds()
+    if not _tensorflow_importable():
+        return _load_data_source(tfds, name, split, data_dir)
 
     builder = _prepared_builder(name, data_dir)
     # Same as tfds.load(name, split=split, batch_size=-1, as_supervised=False,
@@ -282,6 +296,30 @@ def _load_tfds(name: str, split: str, data_dir) -> tuple[np.ndarray, np.ndarray]
     if images.ndim != 4:
         raise ValueError(f"tfds dataset {name!r}: expected images [N, H, W, C], got {images.shape}")
     return images, np.asarray(data["label"]).astype(np.int32)
+
+
+def _load_data_source(tfds, name: str, split: str, data_dir) -> tuple[np.ndarray, np.ndarray]:
+    """``split`` of a dataset that tfds prepared in the array_record format (what
+    ``tfds.data_source`` prepares), read with ``tfds.data_source``: no TensorFlow. Preparing
+    (or reading a tfrecord preparation) needs TensorFlow, so those are errors here."""
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        examples = [source[i] for i in range(len(source))]
+    except Exception as err:  # noqa: BLE001 - tfds raises many kinds; each becomes this line
+        where = data_dir or "tfds's default data dir"
+        raise DatasetUnavailableError(
+            f"dataset {name!r} is unavailable: TensorFlow is not installed, and without it "
+            f"only a tfds preparation in the array_record format can be read, which {where} "
+            f"does not hold ({type(err).__name__}: {_one_line(err, 120)}); prepare one where "
+            f"TensorFlow is installed with tfds.data_source({name!r}, data_dir=...), install "
+            f"tensorflow, or put the published files in ${DATA_DIR_ENV}/{name}/"
+        ) from err
+    if not examples:
+        raise _unavailable(name, f"split {split!r} is empty")
+    _check_features(name, examples[0])
+    images = np.stack([np.asarray(e["image"], np.uint8) for e in examples])
+    labels = np.asarray([e["label"] for e in examples], np.int32)
+    return images, labels
 
 
 def _check_features(name: str, example) -> None:
