@@ -68,7 +68,8 @@ class Datasets(NamedTuple):
       num_classes: width of the model's logits.
       validation: ``(images, labels)`` evaluated after every epoch; when given, the
         config's ``validation_split`` is not applied.
-      class_names: written to results.json when given.
+      class_names: label ``i`` means ``class_names[i]``; written to results.json and the
+        saved model when given.
     """
 
     train: Any
@@ -90,7 +91,7 @@ def load_datasets(config: ml_collections.ConfigDict) -> Datasets:
         train_labels = train_labels[: config.train_examples]
     return Datasets(
         (train_images, train_labels), (test_images, test_labels),
-        data.num_classes(config.dataset),
+        data.num_classes(config.dataset), class_names=data.class_names(config.dataset),
     )
 
 

@@ -429,3 +429,14 @@ def test_array_record_preparations_read_without_tensorflow(real_mnist_tfds, tmp_
     refusal, modules = out.stdout.strip().splitlines()
     assert "dataset 'mnist' is unavailable" in refusal and "array_record" in refusal
     assert "tfds.data_source('mnist'" in refusal and modules == "[]"
+
+
+def test_class_names_of_the_offline_datasets_are_tfds_label_names():
+    assert data.class_names("mnist") == tuple("0123456789")
+    assert data.class_names("fashion_mnist")[0] == "T-shirt/top"
+    for name in data.names():
+        assert len(data.class_names(name)) == data.num_classes(name)
+    tfds = pytest.importorskip("tensorflow_datasets")
+    for name in ("mnist", "fashion_mnist"):
+        names = tfds.builder(name, data_dir=None).info.features["label"].names
+        assert data.class_names(name) == tuple(names)

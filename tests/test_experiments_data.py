@@ -167,6 +167,10 @@ def test_fashion_experiment_end_to_end(tmp_path, capsys):
     assert results["test_examples"] == 10_000
     assert results["baseline"]["model"] == "dense"
     assert results["num_params"] != results["baseline"]["num_params"]
+    # The saved model says what each class is, so `python -m flaxconv.predict` names them.
+    assert results["class_names"] == list(data.class_names("fashion_mnist"))
+    info = fc.saved_model.model_info(tmp_path / "fashion_cnn" / "saved_model")
+    assert info["class_names"] == list(data.class_names("fashion_mnist"))
     table = capsys.readouterr().out
     assert "fashion_cnn" in table and "dense" in table and "test_accuracy" in table
 

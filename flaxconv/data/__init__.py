@@ -43,7 +43,7 @@ from flaxconv.data.sign_language import (
     load_sign_language_mnist,
     sign_language_folder,
 )
-from flaxconv.data.sources import load, names, num_classes, read_idx
+from flaxconv.data.sources import class_names, load, names, num_classes, read_idx
 from flaxconv.data.streaming import BACKENDS, stream
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "DatasetUnavailableError",
     "ImageFolder",
     "batches",
+    "class_names",
     "grain_batches",
     "image_folder",
     "load",

@@ -31,6 +31,12 @@ from flaxconv.data._common import (
 
 _OFFLINE_NAMES = ("mnist", "fashion_mnist")
 _NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10}
+# tfds's label names (features["label"].names), which Keras's docs list too.
+_CLASS_NAMES = {
+    "mnist": tuple(str(digit) for digit in range(10)),
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+}
 # Published file names (identical for MNIST and Fashion-MNIST), per split: (images, labels).
 _SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -88,6 +94,24 @@ def num_classes(name: str) -> int:
     """
     if name in _NUM_CLASSES:
         return _NUM_CLASSES[name]
+    return int(_label_feature(name).num_classes)
+
+
+def class_names(name: str) -> tuple[str, ...]:
+    """What label ``i`` of dataset ``name`` means, ``class_names(name)[i]``: the digits
+    ``"0"``-``"9"`` for MNIST, Fashion-MNIST's garment names, else the tfds builder's
+    ``features["label"].names`` (as :func:`num_classes`; no download).
+
+    Raises:
+        ValueError: as :func:`num_classes`.
+    """
+    if name in _CLASS_NAMES:
+        return _CLASS_NAMES[name]
+    return tuple(str(label) for label in _label_feature(name).names)
+
+
+def _label_feature(name: str):
+    """The tfds ``ClassLabel`` feature ``"label"`` of a dataset that is not in our tables."""
     if not _tfds_importable():
         raise ValueError(
             f"unknown dataset {name!r}: without tensorflow_datasets the known names are "
@@ -96,7 +120,7 @@ def num_classes(name: str) -> int:
     features = _tfds_builder(name, data_dir=None).info.features
     if "label" not in features or not hasattr(features["label"], "num_classes"):
         raise ValueError(f"tfds dataset {name!r} has no 'label' class feature")
-    return int(features["label"].num_classes)
+    return features["label"]
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
