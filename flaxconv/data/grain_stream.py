@@ -19,7 +19,7 @@ numpy's resize release the GIL, so threads decode large PNGs/JPEGs in parallel, 
 pickling of the source, no process start-up and nothing to fork under a running JAX. For
 tiny images (28x28 PNGs) Pillow's per-file Python work holds the GIL and the threads give
 about one core's worth: on the 2-CPU development machine a third of Keras's tf.data reader
-(TensorFlow's C++ decoder), still 1.7x what the DLwP-sized step consumes; on a CPU-only
+(TensorFlow's C++ decoder), still 1.7x what the sign_language_cnn step consumes; on a CPU-only
 machine the train step needs the other cores anyway (``benchmarks/input_pipeline.py``,
 ``benchmarks/RESULTS.md`` §5).
 
