@@ -7,7 +7,9 @@
 Each row is one convolution of the zoo's models (``benchmarks/zoo.py``) at batch 64: the
 forward pass and both gradients (input and kernel) of ``sum(conv(x, k) ** 2)``, inside a
 ``lax.scan`` of ``--steps`` SGD-like updates as a training epoch runs them, best of five
-passes, in ms per step. Strided convolutions have only im2col.
+passes, in ms per step. Strided convolutions have only im2col. On a GPU or TPU a column
+``xla`` times XLA's own convolution with JAX's gradients (cuDNN on a GPU), the seam's
+opt-out; on CPU it is skipped (20-60x slower inside a scan, jax-ml/jax#12868).
 
 With ``--tf`` (TensorFlow installed), a last column times the same step with
 ``tf.nn.conv2d`` in a ``tf.function`` (oneDNN's kernels, what Keras-TF runs in the zoo), one
@@ -95,13 +97,13 @@ def main() -> None:
     parser.add_argument("--tf", action="store_true",
                         help="add TensorFlow's tf.nn.conv2d (oneDNN) as the peer column")
     args = parser.parse_args()
-    header = (f"{datetime.date.today()}; {platform.machine()}, python "
-              f"{platform.python_version()}, jax {jax.__version__}, jaxlib "
+    header = (f"{datetime.date.today()}; {jax.devices()[0].device_kind}, {platform.machine()}, "
+              f"python {platform.python_version()}, jax {jax.__version__}, jaxlib "
               f"{jaxlib.__version__}; batch 64, {args.steps} steps, best of 5")
     lines = [header, "",
-             "| convolution | output | im2col ms | xla_nhwc ms | winograd ms | faster |"
+             "| convolution | output | im2col ms | xla_nhwc ms | winograd ms | xla ms | faster |"
              + (" tf.nn.conv2d ms |" if args.tf else ""),
-             "|---|---|---|---|---|---|" + ("---|" if args.tf else "")]
+             "|---|---|---|---|---|---|---|" + ("---|" if args.tf else "")]
     print("\n".join(lines), flush=True)
     rows = []
     for what, h, w, c_in, c_out, k, stride, padding in SHAPES:
@@ -112,14 +114,17 @@ def main() -> None:
             times["xla_nhwc"] = ms_per_step("xla_nhwc", x, kernel, stride, padding, args.steps)
         if stride == 1 and k == 3:
             times["winograd"] = ms_per_step("winograd", x, kernel, stride, padding, args.steps)
+        if jax.default_backend() != "cpu":
+            times["xla"] = ms_per_step("xla", x, kernel, stride, padding, args.steps)
         out = jax.eval_shape(functools.partial(conv2d, strides=(stride, stride),
                                                padding=padding), x, kernel)
         size = f"{out.shape[1]}x{out.shape[2]}"
         faster = min(times, key=times.get)
-        cell = {f: f"{times[f]:.2f}" if f in times else "-" for f in ("xla_nhwc", "winograd")}
+        cell = {f: f"{times[f]:.2f}" if f in times else "-"
+                for f in ("xla_nhwc", "winograd", "xla")}
         lines.append(f"| {what}: {k}x{k}/{stride} {padding} {c_in}->{c_out} | {size} | "
                      f"{times['im2col']:.2f} | {cell['xla_nhwc']} | {cell['winograd']} | "
-                     f"{faster} |")
+                     f"{cell['xla']} | {faster} |")
         if args.tf:
             times["tf"] = tf_ms_per_step(x, kernel, stride, padding, args.steps)
             lines[-1] += f" {times['tf']:.2f} |"

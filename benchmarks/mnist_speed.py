@@ -265,7 +265,8 @@ def run_keras(epochs: int, recipe: str, seed: int) -> dict:
 
 def torch_epochs(model, opt, x, y, epochs: int) -> list[float]:
     """Seconds of each of ``epochs`` shuffled passes of ``BATCH``-sized torch steps over
-    ``x`` (NCHW float) and ``y`` (int64) with softmax cross-entropy."""
+    ``x`` (NCHW float) and ``y`` (int64) with softmax cross-entropy, on ``x``'s device (a
+    GPU's epoch ends at a ``cuda.synchronize``: its kernels run asynchronously)."""
     import torch
 
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -273,12 +274,14 @@ def torch_epochs(model, opt, x, y, epochs: int) -> list[float]:
     seconds = []
     for _ in range(epochs):
         start = time.perf_counter()
-        perm = torch.randperm(len(y))
+        perm = torch.randperm(len(y), device=x.device)
         for i in range(0, len(y), BATCH):
             idx = perm[i : i + BATCH]
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
     return seconds
 

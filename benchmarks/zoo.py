@@ -1,10 +1,12 @@
 """Model zoo training speed: flaxconv against Keras 3 (TensorFlow) and PyTorch on five convnets
 (two presets, three hand-written Flax modules), same architecture, data, batch and optimizer.
 
-    python benchmarks/zoo.py                                  # every model and peer
+    python benchmarks/zoo.py                                  # every model, the default peers
     python benchmarks/zoo.py --steps 5 --xla-steps 2          # a smoke run
     python benchmarks/zoo.py --models resnet --peers flaxconv-fit,keras-tf --steps 50
     python benchmarks/zoo.py --flaxconv-python .venv313/bin/python --out benchmarks/results/zoo_cpu
+    python benchmarks/zoo.py --peers flaxconv-fit,flaxconv-step,flaxconv-xla,keras-jax,torch \
+        --steps 300 --xla-steps 300 --repeats 5          # on a GPU machine without TensorFlow
 
 Every model trains with batch 64 and rmsprop 1e-3 (Keras's defaults: rho 0.9, epsilon 1e-7)
 on 10 classes: the 28x28x1 models on the first ``64 * --steps`` images of the real MNIST
@@ -14,17 +16,22 @@ on 10 classes: the 28x28x1 models on the first ``64 * --steps`` images of the re
 * ``flaxconv-step``: ``fc.train_step`` in a Python loop over pre-built uint8 batches on device;
 * ``flaxconv-xla``: ``fc.fit`` with ``kernels="xla"``, the seam's opt-out (XLA's own ops);
 * ``keras-tf``: Keras 3 ``model.fit`` on TensorFlow, float32 images in [0, 1];
-* ``torch``: PyTorch on CPU, a plain training loop, torch's default threads.
+* ``keras-jax``: the same on Keras's JAX backend (not a default peer: for machines without
+  TensorFlow, such as the lent GPU one, where it is the Keras row the ratios divide by);
+* ``torch``: PyTorch, a plain training loop: on CPU with torch's default threads, or on the
+  GPU where torch sees one (data on the device, ``cudnn.benchmark`` on, timed to a
+  ``cuda.synchronize``).
 
 Each (model, peer) runs in its own fresh process, one after another: an untimed warm-up epoch
 of ``--steps`` steps (compilation, tracing), then ``--repeats`` timed epochs of ``--steps``
 steps; ms/step is the best timed epoch divided by its steps. The opt-out rows
 (``flaxconv-xla``), 10-40x slower on CPU, time ``--xla-steps`` steps per epoch instead. "x
-Keras-TF" divides ms/step by Keras-TF's on the same model. The flaxconv rows name the
+Keras" divides ms/step by Keras's on the same model. The flaxconv rows name the
 formulation of each conv and pool layer (``fc.steps.explain_kernels``) and count the
 fallbacks to XLA's own operations. The flaxconv workers can run on another interpreter
 (``--flaxconv-python``, e.g. a venv with a newer jax); a peer whose packages are missing is
-skipped with one line. The defaults (100 steps, 10 for flaxconv-xla, best of 3) take about
+skipped with one line. "x Keras" divides by Keras-TF's row, or by Keras-JAX's where no Keras-TF
+row ran. The defaults (100 steps, 10 for flaxconv-xla, best of 3) take about
 10 minutes on the 2-core development machine when it is otherwise idle.
 """
 
@@ -48,7 +55,9 @@ import numpy as np
 from mnist_speed import keras_epoch_timer, kernels_of, run_worker_process, torch_epochs
 
 MODELS = ("dlwp_mnist", "dlwp_linen", "fashion_cnn", "bn_same", "resnet")
-PEERS = ("flaxconv-fit", "flaxconv-step", "flaxconv-xla", "keras-tf", "torch")
+PEERS = ("flaxconv-fit", "flaxconv-step", "flaxconv-xla", "keras-tf", "keras-jax", "torch")
+DEFAULT_PEERS = ("flaxconv-fit", "flaxconv-step", "flaxconv-xla", "keras-tf", "torch")
+KERAS_PEERS = {"keras-tf": "tensorflow", "keras-jax": "jax"}  # peer -> KERAS_BACKEND
 FLAXCONV_PEERS = ("flaxconv-fit", "flaxconv-step", "flaxconv-xla")
 BATCH = 64
 LR = 1e-3
@@ -253,7 +262,8 @@ def run_flaxconv(model_name: str, peer: str, x, y, steps: int, repeats: int) -> 
     rewrite_warnings = sorted({str(w.message) for w in caught
                                if "flaxconv.kernels" in str(w.message)})
     return {"epoch_seconds": epoch_seconds, "kernels": kernels, "formulations": formulations,
-            "warnings": rewrite_warnings, "device": str(jax.devices()[0])}
+            "warnings": rewrite_warnings,
+            "device": f"{jax.devices()[0]} ({jax.devices()[0].device_kind})"}
 
 
 def train_step_loop(state, x, y, steps: int, repeats: int) -> list[float]:
@@ -292,16 +302,21 @@ def run_torch(model_name: str, peer: str, x, y, steps: int, repeats: int) -> dic
     import torch
 
     torch.manual_seed(0)
-    model = torch_model(model_name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # What a torch user sets for fixed shapes: cuDNN picks its fastest algorithm per layer.
+    torch.backends.cudnn.benchmark = True
+    model = torch_model(model_name).to(device)
     images = torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)  # NCHW
-    labels = torch.from_numpy(y.astype(np.int64))
+    images, labels = images.to(device), torch.from_numpy(y.astype(np.int64)).to(device)
     opt = torch.optim.RMSprop(model.parameters(), lr=LR, alpha=0.9, eps=1e-7)
     seconds = torch_epochs(model, opt, images, labels, 1 + repeats)
-    return {"epoch_seconds": seconds, "threads": torch.get_num_threads()}
+    return {"epoch_seconds": seconds, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
 
 
 # The packages a peer needs: a worker without them reports "skipped" instead of failing.
-REQUIRES = {"keras-tf": ("keras", "tensorflow"), "torch": ("torch",)}
+REQUIRES = {"keras-tf": ("keras", "tensorflow"), "keras-jax": ("keras", "jax"),
+            "torch": ("torch",)}
 
 
 def worker(model_name: str, peer: str, data_path: str, steps: int, repeats: int) -> None:
@@ -313,7 +328,7 @@ def worker(model_name: str, peer: str, data_path: str, steps: int, repeats: int)
         with np.load(data_path) as arrays:
             x, y = arrays["images"][:steps * BATCH], arrays["labels"][:steps * BATCH]
         run = run_flaxconv if peer in FLAXCONV_PEERS else (
-            run_keras if peer == "keras-tf" else run_torch)
+            run_keras if peer in KERAS_PEERS else run_torch)
         result = run(model_name, peer, x, y, steps, repeats)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -322,8 +337,8 @@ def run_worker(python: str, model_name: str, peer: str, data_path: str, steps: i
                repeats: int) -> dict:
     """Runs one (model, peer) measurement in a fresh process; its RESULT, or its error."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    if peer == "keras-tf":
-        env["KERAS_BACKEND"] = "tensorflow"
+    if peer in KERAS_PEERS:
+        env["KERAS_BACKEND"] = KERAS_PEERS[peer]
     cmd = [python, os.path.abspath(__file__), "--worker", model_name, "--peers", peer,
            "--data", data_path, "--steps", str(steps), "--repeats", str(repeats)]
     return run_worker_process(cmd, env)
@@ -352,9 +367,16 @@ def to_row(model_name: str, peer: str, result: dict, steps: int) -> Row:
                warmup_s=seconds[0], formulations=formulations, raw=result)
 
 
+def reference_peer(rows: list[Row]) -> str:
+    """The Keras row the ratios divide by: Keras-TF's where any ran, else Keras-JAX's."""
+    return "keras-tf" if any(r.peer == "keras-tf" and r.ms_per_step for r in rows) else "keras-jax"
+
+
 def table(rows: list[Row]) -> str:
-    keras = {r.model: r.ms_per_step for r in rows if r.peer == "keras-tf" and r.ms_per_step}
-    lines = ["| model | peer | ms/step | x Keras-TF | warm-up epoch s | formulations |",
+    reference = reference_peer(rows)
+    keras = {r.model: r.ms_per_step for r in rows if r.peer == reference and r.ms_per_step}
+    name = {"keras-tf": "Keras-TF", "keras-jax": "Keras-JAX"}[reference]
+    lines = [f"| model | peer | ms/step | x {name} | warm-up epoch s | formulations |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         if r.ms_per_step is None:
@@ -372,7 +394,7 @@ def versions(python: str) -> dict[str, str]:
     code = ("import importlib.metadata as m, json, platform\n"
             "v = {'python': platform.python_version()}\n"
             "for p in ('jax', 'jaxlib', 'flax', 'optax', 'keras', 'tensorflow', "
-            "'tensorflow-cpu', 'torch'):\n"
+            "'tensorflow-cpu', 'torch', 'jax-cuda12-plugin', 'jax-cuda13-plugin'):\n"
             "    try: v[p] = m.version(p)\n"
             "    except m.PackageNotFoundError: pass\n"
             "print(json.dumps(v))")
@@ -395,6 +417,8 @@ def describe(info: dict) -> str:
 
     text = (f"{info['date']}; {info['machine']}, {info['cpus']} CPUs; "
             f"{one(info['peers_python'])}")
+    if info.get("devices"):
+        text += f"; devices: {', '.join(info['devices'])}"
     if "flaxconv_python" in info:
         text += f"; flaxconv rows: {one(info['flaxconv_python'])}"
     return text
@@ -411,7 +435,8 @@ def split_list(text: str, valid: tuple[str, ...], what: str, parser) -> list[str
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=", ".join(MODELS))
-    parser.add_argument("--peers", default=",".join(PEERS), help=", ".join(PEERS))
+    parser.add_argument("--peers", default=",".join(DEFAULT_PEERS),
+                        help=", ".join(PEERS) + f" (default: {', '.join(DEFAULT_PEERS)})")
     parser.add_argument("--steps", type=int, default=100,
                         help="steps per epoch: one warm-up epoch, then --repeats timed ones")
     parser.add_argument("--xla-steps", type=int, default=10,
@@ -458,8 +483,9 @@ def main(argv=None) -> None:
                 print(f"{model_name} / {peer}: {done} ({result['wall_s']:.0f} s)", flush=True)
                 for warning in result.get("warnings", []):
                     print(f"  warning: {warning}", flush=True)
+    info["devices"] = sorted({r.raw["device"] for r in rows if r.raw.get("device")})
     out = table(rows)
-    print("\n" + out)
+    print("\n" + describe(info) + "\n\n" + out)
     if args.out:
         command = "python " + shlex.join(["benchmarks/zoo.py", *(
             sys.argv[1:] if argv is None else argv)])

@@ -1,7 +1,8 @@
 """The benchmarks' FLOP accounting: the layer shapes every "% of matmul peak" divides by
 follow the real model, whole (the model's FLOPs) and trimmed (what flaxconv executes, per
 kernels policy), and the GEMM bound of conv_impl.py does exactly those FLOPs; the zoo's
-models are the same architecture in Flax, Keras and PyTorch. No timings."""
+models are the same architecture in Flax, Keras and PyTorch, and its table divides by the
+right Keras row. No timings."""
 
 import pathlib
 import sys
@@ -123,3 +124,17 @@ def test_the_hand_written_dlwp_gets_the_presets_formulations():
                                            kernels="cpu") for name in ("dlwp_mnist", "dlwp_linen"))
     # The same formulation per layer (module names differ: conv_i vs Conv_i).
     assert mnist_speed.kernels_of(linen).lower() == mnist_speed.kernels_of(preset).lower()
+
+
+def test_zoo_ratios_divide_by_keras_tf_or_else_by_keras_on_jax():
+    def rows(*peers):
+        return [zoo.Row("resnet", peer, ms_per_step=ms, warmup_s=1.0)
+                for peer, ms in peers]
+
+    both = zoo.table(rows(("flaxconv-fit", 2.0), ("keras-jax", 8.0), ("keras-tf", 4.0)))
+    assert "x Keras-TF" in both and "| resnet | flaxconv-fit | 2.00 | 0.50x |" in both
+    # A GPU machine without TensorFlow: the Keras row is Keras on JAX.
+    gpu = zoo.table(rows(("flaxconv-fit", 2.0), ("keras-jax", 8.0),
+                         ("keras-tf", None), ("torch", 4.0)))
+    assert "x Keras-JAX" in gpu and "| resnet | flaxconv-fit | 2.00 | 0.25x |" in gpu
+    assert "| resnet | torch | 4.00 | 0.50x |" in gpu

@@ -324,6 +324,80 @@ def test_plain_jax_functions_are_rewritten_too():
                           values_and_grads(f, x, kernel))
 
 
+def _precisions(jaxpr) -> list:
+    """The ``precision`` of every dot_general and conv_general_dilated in ``jaxpr`` and the
+    jaxprs inside it (custom VJPs' rules included, once they are traced)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            found.append(eqn.params["precision"])
+        for param in eqn.params.values():
+            for item in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(item, "jaxpr", item)
+                if hasattr(inner, "eqns"):
+                    found += _precisions(inner)
+    return found
+
+
+class PreciseConvNet(nn.Module):
+    """Every covered kind of layer with ``precision=HIGHEST``: a first layer's fused block
+    (one patches matmul), a Winograd block, a fused block around XLA's convolution, a
+    strided im2col, a lone Winograd."""
+
+    @nn.compact
+    def __call__(self, x):
+        conv = functools.partial(nn.Conv, precision=lax.Precision.HIGHEST)
+        x = nn.max_pool(nn.relu(conv(32, (3, 3), padding="VALID")(x)), (2, 2), (2, 2))
+        x = nn.max_pool(nn.relu(conv(32, (3, 3), padding="VALID")(x)), (2, 2), (2, 2))
+        x = nn.max_pool(nn.relu(conv(16, (5, 5), padding="SAME")(x)), (2, 2), (2, 2))
+        x = conv(32, (3, 3), strides=2, padding="SAME")(x)
+        return conv(32, (3, 3), padding="SAME")(jnp.tile(x, (1, 8, 8, 1)))
+
+
+def test_a_convolutions_precision_is_kept_by_every_formulation_forward_and_backward():
+    model, x = PreciseConvNet(), jax.random.normal(jax.random.key(1), (2, 62, 62, 1))
+    variables, plain, fast = rewritten_and_plain(model, x)
+    formulations = [c.formulation for c in K.explain(plain, variables, x, policy="cpu")]
+    assert formulations == ["fused (+ bias, relu, max_pool 2x2)",
+                            "winograd (+ bias, relu, max_pool 2x2)",
+                            "fused (+ bias, relu, max_pool 2x2)", "im2col", "winograd"]
+    assert "precision highest" in K.explain(plain, variables, x, policy="cpu")[0].op
+    highest = (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
+    grad_jaxpr = jax.make_jaxpr(lambda v, x: values_and_grads(fast, v, x))(variables, x)
+    precisions = _precisions(grad_jaxpr.jaxpr)
+    assert len(precisions) > 30 and set(precisions) == {highest}, set(precisions)
+    assert_close_to_scale(values_and_grads(fast, variables, x),
+                          values_and_grads(plain, variables, x))
+
+
+def test_a_default_precision_context_reaches_the_formulations():
+    model, x = ConvNet(), jax.random.normal(jax.random.key(1), (4, 26, 26, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    rngs = {"dropout": jax.random.key(2)}
+    loss = functools.partial(convnet_loss, model)
+    with jax.default_matmul_precision("highest"):
+        choices = K.explain(loss, variables, x, rngs, policy="cpu")
+        grads = jax.make_jaxpr(jax.grad(K.rewrite(loss, "cpu"), has_aux=True))(
+            variables, x, rngs)
+    assert not any(c.fallback for c in choices), choices
+    highest = (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
+    assert set(_precisions(grads.jaxpr)) == {highest}
+
+
+def test_two_different_operand_precisions_stay_with_xla():
+    def f(x, kernel):
+        return lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=(lax.Precision.HIGHEST, lax.Precision.DEFAULT))
+
+    x, kernel = jnp.ones((1, 6, 6, 4)), jnp.ones((3, 3, 4, 8))
+    (choice,) = K.explain(f, x, kernel, policy="cpu")
+    assert choice.fallback and "precision" in choice.formulation, choice
+    np.testing.assert_allclose(K.rewrite(f, "cpu")(x, kernel), f(x, kernel))
+    with pytest.raises(ValueError, match="precision='float64'; expected None or one of"):
+        K.conv2d(x, kernel, formulation="im2col", precision="float64")
+
+
 class Uncovered(nn.Module):
     """Layers the seam leaves to XLA: grouped and dilated convolutions, an overlapping
     padded pool, a convolution inside ``nn.scan``-like control flow (``lax.cond``)."""

@@ -32,6 +32,7 @@ from flaxconv.kernels.conv import (
     padding_amounts,
 )
 from flaxconv.kernels.pool import check_window, max_pool, max_pool_bwd, max_pool_fwd
+from flaxconv.kernels.precision import check_precision
 from flaxconv.kernels.winograd import winograd_conv_relu_pool
 
 BLOCK_FORMULATIONS = ("winograd", "fused", "unfused")
@@ -53,6 +54,7 @@ def conv_relu_pool(
     window: int = 2,
     formulation: str = "unfused",
     conv_formulation: str = "im2col",
+    precision: str | None = None,
 ) -> jax.Array:
     """``max_pool(relu(conv2d(x, kernel, padding=padding) + bias), window)``, stride 1.
 
@@ -66,6 +68,7 @@ def conv_relu_pool(
         apply (:func:`winograd_applies`) and ``"fused"`` with padding as wide as the kernel
         run as ``"unfused"``.
       conv_formulation: the convolution's formulation in an ``"unfused"`` block.
+      precision: the convolution's, as in :func:`~flaxconv.kernels.conv.conv2d`.
 
     Returns:
       ``[N, H_out // window, W_out // window, C_out]``, ``H_out, W_out`` the convolution's
@@ -74,6 +77,7 @@ def conv_relu_pool(
     if formulation not in BLOCK_FORMULATIONS:
         raise ValueError(f"formulation={formulation!r}; expected one of {BLOCK_FORMULATIONS}")
     check_window(window)
+    check_precision(precision)
     kh, kw, c_in, c_out = kernel.shape
     if bias is None:
         bias = jnp.zeros((c_out,), x.dtype)
@@ -89,37 +93,39 @@ def conv_relu_pool(
     if formulation == "winograd" and not winograd_applies(kernel.shape, window, x.dtype):
         formulation = "fused"
     if formulation == "unfused":
-        y = conv2d(x, kernel, padding=(pad_h, pad_w), formulation=conv_formulation)
+        y = conv2d(x, kernel, padding=(pad_h, pad_w), formulation=conv_formulation,
+                   precision=precision)
         return max_pool(y + bias.astype(y.dtype), window, relu=True)
     # The rows and columns that reach the pool's output.
     x = pad(x, (pad_h, pad_w))[:, : window * pooled_h + kh - 1, : window * pooled_w + kw - 1]
     kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
     if formulation == "winograd":
-        return winograd_conv_relu_pool(x, kernel, bias)
-    return _fused_conv_relu_pool(x, kernel, bias, window)
+        return winograd_conv_relu_pool(x, kernel, bias, precision)
+    return _fused_conv_relu_pool(x, kernel, bias, window, precision)
 
 
 _NO_PADDING = ((0, 0), (0, 0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused_conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, window: int
-                          ) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused_conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, window: int,
+                          precision: str | None) -> jax.Array:
     """The ``"fused"`` block on a VALID input whose output divides by ``window``."""
-    return _fused_fwd(x, kernel, bias, window)[0]
+    return _fused_fwd(x, kernel, bias, window, precision)[0]
 
 
-def _fused_fwd(x, kernel, bias, window):
+def _fused_fwd(x, kernel, bias, window, precision):
     pair = (window, window)
-    y, (_, position) = max_pool_fwd(conv_nhwc(x, kernel, _NO_PADDING) + bias, pair, True)
+    y = conv_nhwc(x, kernel, _NO_PADDING, precision) + bias
+    y, (_, position) = max_pool_fwd(y, pair, True)
     return y, (x, kernel, y, position)
 
 
-def _fused_bwd(window, residuals, dy):
+def _fused_bwd(window, precision, residuals, dy):
     x, kernel, y, position = residuals
     dbias = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype)).sum((0, 1, 2))
     (dconv,) = max_pool_bwd((window, window), True, (y, position), dy)
-    dx, dkernel = conv_nhwc_bwd(_NO_PADDING, (x, kernel), dconv)
+    dx, dkernel = conv_nhwc_bwd(_NO_PADDING, precision, (x, kernel), dconv)
     return dx, dkernel, dbias
 
 

@@ -20,7 +20,9 @@
   between additive transforms.
 
 All of them agree with ``lax.conv_general_dilated`` to float32 rounding, values and
-gradients; which one runs where is :mod:`flaxconv.kernels.policy`'s choice.
+gradients; which one runs where is :mod:`flaxconv.kernels.policy`'s choice. Each computes
+at the convolution's ``precision`` (:mod:`flaxconv.kernels.precision`), forward and
+backward.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from flaxconv.kernels.precision import check_precision, matmul_precision
 from flaxconv.kernels.winograd import winograd_conv, winograd_conv_applies
 
 #: The formulations :func:`conv2d` accepts.
@@ -106,7 +109,7 @@ def output_size(size: int, k: int, s: int, padding: tuple[int, int]) -> int:
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
            padding: str | Sequence[tuple[int, int]] = "VALID",
-           formulation: str = "xla") -> jax.Array:
+           formulation: str = "xla", precision: str | None = None) -> jax.Array:
     """2-D cross-correlation, ``lax.conv_general_dilated`` with NHWC/HWIO/NHWC.
 
     Args:
@@ -118,12 +121,16 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
         padding narrower than the kernel, and runs as ``"im2col"`` otherwise; ``"winograd"``
         needs what :func:`~flaxconv.kernels.winograd.winograd_conv_applies` says, and runs
         as ``"xla_nhwc"`` (or ``"im2col"``) otherwise.
+      precision: None (the default) or one of
+        :data:`~flaxconv.kernels.precision.PRECISIONS`: that of every matmul and
+        convolution, forward and backward, as ``lax.conv_general_dilated``'s ``precision``.
 
     Returns:
       ``[N, H_out, W_out, C_out]`` in the dtype of ``x``.
     """
     if formulation not in CONV_FORMULATIONS:
         raise ValueError(f"formulation={formulation!r}; expected one of {CONV_FORMULATIONS}")
+    check_precision(precision)
     kh, kw, c_in, _ = kernel.shape
     if x.ndim != 4 or x.shape[-1] != c_in:
         raise ValueError(f"input has shape {x.shape}; kernel {kernel.shape} expects "
@@ -131,13 +138,15 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
     strides = tuple(int(s) for s in strides)
     pads = (padding_amounts(padding, x.shape[1], kh, strides[0], axis=0),
             padding_amounts(padding, x.shape[2], kw, strides[1], axis=1))
-    if formulation == "xla":
-        return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=NHWC)
     if formulation == "winograd" and winograd_conv_applies(kernel.shape, strides, pads, x.dtype):
-        return winograd_conv(x, kernel, pads)
+        return winograd_conv(x, kernel, pads, precision)
     if formulation in ("xla_nhwc", "winograd") and nhwc_applies(kernel.shape, strides, pads):
-        return conv_nhwc(x, kernel, pads)
-    return conv_im2col(x, kernel, strides, pads)
+        return conv_nhwc(x, kernel, pads, precision)
+    # JAX's own gradients keep each operation's precision: the context is enough here.
+    with matmul_precision(precision):
+        if formulation == "xla":
+            return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=NHWC)
+        return conv_im2col(x, kernel, strides, pads)
 
 
 def nhwc_applies(kernel_shape: Sequence[int], strides: Sequence[int], pads: Padding) -> bool:
@@ -162,24 +171,31 @@ def _forward_conv(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
     return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=NHWC)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_nhwc(x: jax.Array, kernel: jax.Array, pads: Padding) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_nhwc(x: jax.Array, kernel: jax.Array, pads: Padding, precision: str | None
+              ) -> jax.Array:
     """The ``"xla_nhwc"`` formulation (stride 1): a convolution whose gradients are forward
-    NHWC convolutions or matmuls."""
-    if few_input_channels(kernel.shape):
-        kh, kw, c_in, c_out = kernel.shape
-        xp = pad(x, pads)
-        oh, ow = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-        return patches(xp, kh, kw, oh, ow) @ kernel.reshape(kh * kw * c_in, c_out)
-    return _forward_conv(x, kernel, pads)
+    NHWC convolutions or matmuls, all at ``precision``."""
+    with matmul_precision(precision):
+        if few_input_channels(kernel.shape):
+            kh, kw, c_in, c_out = kernel.shape
+            xp = pad(x, pads)
+            oh, ow = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+            return patches(xp, kh, kw, oh, ow) @ kernel.reshape(kh * kw * c_in, c_out)
+        return _forward_conv(x, kernel, pads)
 
 
-def _conv_nhwc_fwd(x, kernel, pads):
-    return conv_nhwc(x, kernel, pads), (x, kernel)
+def _conv_nhwc_fwd(x, kernel, pads, precision):
+    return conv_nhwc(x, kernel, pads, precision), (x, kernel)
 
 
-def conv_nhwc_bwd(pads: Padding, residuals, dy):
+def conv_nhwc_bwd(pads: Padding, precision: str | None, residuals, dy):
     """Both gradients of :func:`conv_nhwc`, from ``residuals = (x, kernel)``."""
+    with matmul_precision(precision):
+        return _conv_nhwc_grads(pads, residuals, dy)
+
+
+def _conv_nhwc_grads(pads: Padding, residuals, dy):
     x, kernel = residuals
     kh, kw, c_in, c_out = kernel.shape
     (top, bottom), (left, right) = pads

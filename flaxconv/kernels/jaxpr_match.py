@@ -9,11 +9,11 @@ import collections
 from collections.abc import Iterable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from jax.extend import core as jex
 
 from flaxconv.kernels.policy import ConvSpec
+from flaxconv.kernels.precision import precision_name
 
 # Primitives of nested bodies the seam plans into, and the ones it replaces.
 JIT = ("pjit", "jit")
@@ -60,15 +60,15 @@ def conv_spec(eqn) -> tuple[ConvSpec | None, str]:
         return None, f"dtype {lhs.dtype}/{rhs.dtype}"
     if p.get("preferred_element_type") not in (None, lhs.dtype):
         return None, f"preferred_element_type {p['preferred_element_type']}"
-    if p.get("precision") not in (None, jax.lax.Precision.DEFAULT,
-                                  (jax.lax.Precision.DEFAULT,) * 2):
+    precision, covered = precision_name(p.get("precision"))
+    if not covered:
         return None, f"precision {p['precision']}"
     padding = tuple(tuple(int(q) for q in pair) for pair in p["padding"])
     if any(q < 0 for pair in padding for q in pair):
         return None, "negative padding"
     output_size = tuple(eqn.outvars[0].aval.shape[1:3])
     return ConvSpec(tuple(rhs.shape), tuple(p["window_strides"]), padding, lhs.dtype,
-                    output_size), ""
+                    output_size, precision), ""
 
 
 def match_block(graph: Graph, i: int, spec: ConvSpec):
@@ -213,8 +213,11 @@ def describe(eqn) -> str:
         padding = ",".join(f"{lo}/{hi}" for lo, hi in p["padding"])
         if eqn.params["dimension_numbers"].rhs_spec == NHWC_SPECS[1] and rhs.ndim == 4:
             kh, kw, c_in, c_out = rhs.shape
+            precision, covered = precision_name(p.get("precision"))
+            at = f" precision {precision}" if precision else ""
+            at = at if covered else f" precision {p['precision']}"
             return (f"conv {kh}x{kw} stride {strides} pad {padding} {c_in}->{c_out} "
-                    f"{lhs.dtype}")
+                    f"{lhs.dtype}{at}")
         return f"conv {rhs.shape} stride {strides} pad {padding}"
     kind = "max_pool" if eqn.primitive.name == "reduce_window_max" else "sum_pool"
     window = "x".join(map(str, p["window_dimensions"][1:3]))

@@ -64,6 +64,7 @@ class ConvSpec:
     padding: tuple[tuple[int, int], tuple[int, int]]
     dtype: jnp.dtype
     output_size: tuple[int, int] = (1, 1)  # (H_out, W_out)
+    precision: str | None = None  # flaxconv.kernels.precision: None (default), high, highest
 
 
 #: On jaxlib 0.10's CPU, the largest output map (H_out * W_out) that runs as im2col: its

@@ -11,8 +11,10 @@ custom VJPs of the formulations instead of JAX's convolution rules.
 What it recognizes, in a jaxpr of any origin (Flax linen, NNX, plain ``jax.lax``):
 
 * ``conv_general_dilated`` with NHWC/HWIO/NHWC dimension numbers, no dilation, no feature
-  or batch groups, a floating dtype and the default precision: any stride, padding and
-  kernel size, with or without bias. Others (grouped, dilated, NCHW, ...) keep XLA's.
+  or batch groups, a floating dtype and a ``lax.Precision`` (default, high or highest,
+  which the formulation then computes at, :mod:`flaxconv.kernels.precision`): any stride,
+  padding and kernel size, with or without bias. Others (grouped, dilated, NCHW, two
+  different operand precisions, dot-algorithm presets, ...) keep XLA's.
 * ``conv -> [+ bias] -> relu -> max-pool`` and ``conv -> [+ bias] -> max-pool -> relu`` with
   a square non-overlapping pool and a stride-1 convolution, when every intermediate value
   is used only by the next step (so a captured intermediate, e.g. a feature map, stays
@@ -261,7 +263,8 @@ def _plan_conv(program: _Program, graph: Graph, i: int, table: Policy) -> None:
         def action(read, x=x, kernel=kernel, bias=bias, window=window):
             return [conv_relu_pool(read(x), read(kernel),
                                    None if bias is None else read(bias).reshape(-1),
-                                   spec.padding, window, formulation, conv_formulation)]
+                                   spec.padding, window, formulation, conv_formulation,
+                                   spec.precision)]
 
         program.actions[tail] = action
         program.skip.update(chain)
@@ -274,7 +277,7 @@ def _plan_conv(program: _Program, graph: Graph, i: int, table: Policy) -> None:
 
     def conv_action(read, eqn=eqn):
         x, kernel = map(read, eqn.invars)
-        return [conv2d(x, kernel, spec.strides, spec.padding, formulation)]
+        return [conv2d(x, kernel, spec.strides, spec.padding, formulation, spec.precision)]
 
     program.actions[i] = conv_action
     program.choices.append((i, Choice(layer_name(eqn), describe(eqn), formulation)))

@@ -12,12 +12,14 @@ lone convolution interleaves them (one transpose each way).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from flaxconv.kernels.pool import first_max
+from flaxconv.kernels.precision import matmul_precision
 
 # Winograd F(2x2, 3x3): B^T (input), G (filter) and A^T (output) transforms. With d a 4x4
 # input tile and g a 3x3 filter, the 2x2 output tile is A^T [(G g G^T) * (B^T d B)] A.
@@ -117,22 +119,25 @@ def _winograd_phases_bwd(v, u, dphases: list[jax.Array], n: int, t: int, s: int)
     return dx, _winograd_filter_transform_transpose(du)
 
 
-@jax.custom_vjp
-def winograd_conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """``x`` ``[N, 2T + 2, 2S + 2, C_in]``, 3x3 ``kernel`` -> ``[N, T, S, C_out]``."""
-    return _winograd_conv_relu_pool_fwd(x, kernel, bias)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def winograd_conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                            precision: str | None = None) -> jax.Array:
+    """``x`` ``[N, 2T + 2, 2S + 2, C_in]``, 3x3 ``kernel`` -> ``[N, T, S, C_out]``; its
+    matmuls at ``precision`` (see :func:`~flaxconv.kernels.precision.matmul_precision`)."""
+    return _winograd_conv_relu_pool_fwd(x, kernel, bias, precision)[0]
 
 
-def _winograd_conv_relu_pool_fwd(x, kernel, bias):
+def _winograd_conv_relu_pool_fwd(x, kernel, bias, precision):
     n, h, w, _ = x.shape
     # The output transform yields each tile's positions apart: the pool's windows.
-    phases, (v, u) = _winograd_phases(x, kernel)
+    with matmul_precision(precision):
+        phases, (v, u) = _winograd_phases(x, kernel)
     y, position = first_max(phases + bias)
     y = jnp.maximum(y, 0).reshape(n, (h - 2) // 2, (w - 2) // 2, -1)
     return y, (v, u, y, position)
 
 
-def _winograd_conv_relu_pool_bwd(residuals, dy):
+def _winograd_conv_relu_pool_bwd(precision, residuals, dy):
     v, u, y, position = residuals
     n, t, s, c_out = y.shape
     # The relu's gradient at the window's maximum, then the pool's: to the first maximum.
@@ -140,35 +145,38 @@ def _winograd_conv_relu_pool_bwd(residuals, dy):
     dbias = dy.sum((0, 1, 2))
     dy = dy.reshape(-1, c_out)
     dphases = [jnp.where(position == k, dy, jnp.zeros((), dy.dtype)) for k in range(4)]
-    dx, dkernel = _winograd_phases_bwd(v, u, dphases, n, t, s)
+    with matmul_precision(precision):
+        dx, dkernel = _winograd_phases_bwd(v, u, dphases, n, t, s)
     return dx, dkernel, dbias
 
 
 winograd_conv_relu_pool.defvjp(_winograd_conv_relu_pool_fwd, _winograd_conv_relu_pool_bwd)
 
 
-@jax.custom_vjp
-def _winograd_conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _winograd_conv_valid(x: jax.Array, kernel: jax.Array, precision: str | None) -> jax.Array:
     """``x`` ``[N, 2T + 2, 2S + 2, C_in]``, 3x3 ``kernel`` -> ``[N, 2T, 2S, C_out]``."""
-    return _winograd_conv_valid_fwd(x, kernel)[0]
+    return _winograd_conv_valid_fwd(x, kernel, precision)[0]
 
 
-def _winograd_conv_valid_fwd(x, kernel):
+def _winograd_conv_valid_fwd(x, kernel, precision):
     n, h, w, _ = x.shape
     t, s = (h - 2) // 2, (w - 2) // 2
-    phases, (v, u) = _winograd_phases(x, kernel)
+    with matmul_precision(precision):
+        phases, (v, u) = _winograd_phases(x, kernel)
     # Interleave the phases: (p, q) of tile (i, j) is output pixel (2i + p, 2j + q).
     y = phases.reshape(2, 2, n, t, s, -1).transpose(2, 3, 0, 4, 1, 5)
     return y.reshape(n, 2 * t, 2 * s, -1), (v, u)
 
 
-def _winograd_conv_valid_bwd(residuals, dy):
+def _winograd_conv_valid_bwd(precision, residuals, dy):
     v, u = residuals
     n, h, w, c_out = dy.shape
     t, s = h // 2, w // 2
     tiles = dy.reshape(n, t, 2, s, 2, c_out)
     dphases = [tiles[:, :, p, :, q].reshape(-1, c_out) for p in range(2) for q in range(2)]
-    return _winograd_phases_bwd(v, u, dphases, n, t, s)
+    with matmul_precision(precision):
+        return _winograd_phases_bwd(v, u, dphases, n, t, s)
 
 
 _winograd_conv_valid.defvjp(_winograd_conv_valid_fwd, _winograd_conv_valid_bwd)
@@ -183,14 +191,16 @@ def winograd_conv_applies(kernel_shape: Sequence[int], strides: Sequence[int],
             and jnp.dtype(dtype) == jnp.float32)
 
 
-def winograd_conv(x: jax.Array, kernel: jax.Array, pads: Sequence[tuple[int, int]]
-                  ) -> jax.Array:
+def winograd_conv(x: jax.Array, kernel: jax.Array, pads: Sequence[tuple[int, int]],
+                  precision: str | None = None) -> jax.Array:
     """A lone 3x3, stride-1 convolution as Winograd F(2x2, 3x3) (``"winograd"``).
 
     Args:
       x: ``[N, H, W, C_in]`` float32.
       kernel: ``[3, 3, C_in, C_out]``.
       pads: ``((top, bottom), (left, right))``, see :func:`winograd_conv_applies`.
+      precision: of its matmuls, forward and backward (see
+        :func:`~flaxconv.kernels.precision.matmul_precision`).
 
     Returns:
       ``[N, H_out, W_out, C_out]``, ``H_out = H + top + bottom - 2``. An odd output size
@@ -201,4 +211,4 @@ def winograd_conv(x: jax.Array, kernel: jax.Array, pads: Sequence[tuple[int, int
     out_h = x.shape[1] + top + bottom - 2
     out_w = x.shape[2] + left + right - 2
     x = jnp.pad(x, ((0, 0), (top, bottom + out_h % 2), (left, right + out_w % 2), (0, 0)))
-    return _winograd_conv_valid(x, kernel)[:, :out_h, :out_w]
+    return _winograd_conv_valid(x, kernel, precision)[:, :out_h, :out_w]
