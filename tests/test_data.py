@@ -3,6 +3,7 @@
 import collections
 import gzip
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -388,7 +389,7 @@ def test_real_tfds_slice_and_stream(real_mnist_tfds, monkeypatch):
 def test_array_record_preparations_read_without_tensorflow(real_mnist_tfds, tmp_path):
     """A dataset tfds prepared as array_record (``tfds.data_source``'s format) loads with
     TensorFlow not importable, as on a Colab TPU runtime; a tfrecord preparation is refused
-    in one line that says what to do."""
+    in one line that says what to do, and a corrupt array_record file in one that says so."""
     tfds = pytest.importorskip("tensorflow_datasets")
     pytest.importorskip("tensorflow")  # preparing needs it
     tfrecord_dir, splits = real_mnist_tfds
@@ -397,6 +398,13 @@ def test_array_record_preparations_read_without_tensorflow(real_mnist_tfds, tmp_
         download_dir=tmp_path / "downloads",
         download_config=tfds.download.DownloadConfig(manual_dir=Path(REAL_DATA_DIR) / "mnist"),
     )
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tmp_path / "mnist", corrupt / "mnist")
+    (test_file,) = (corrupt / "mnist").glob("*/mnist-test.array_record-*")
+    contents = bytearray(test_file.read_bytes())
+    middle = len(contents) // 2
+    contents[middle : middle + 4096] = b"\xab" * 4096
+    test_file.write_bytes(bytes(contents))
     code = (
         "import sys\n"
         "import importlib.machinery as m\n"
@@ -414,11 +422,15 @@ def test_array_record_preparations_read_without_tensorflow(real_mnist_tfds, tmp_
         "    data.load('mnist', 'test', source='tfds', data_dir=sys.argv[2])\n"
         "except data.DatasetUnavailableError as err:\n"
         "    print(err)\n"
+        "try:\n"
+        "    data.load('mnist', 'test', source='tfds', data_dir=sys.argv[5])\n"
+        "except data.DatasetUnavailableError as err:\n"
+        "    print(err)\n"
         "print([m for m in sys.modules if m.startswith('tensorflow.')])\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path), str(tfrecord_dir),
-         str(tmp_path / "images.npy"), str(tmp_path / "labels.npy")],
+         str(tmp_path / "images.npy"), str(tmp_path / "labels.npy"), str(corrupt)],
         env={**os.environ}, capture_output=True, text=True, timeout=300,
         cwd=Path(__file__).resolve().parents[1],
     )
@@ -426,9 +438,11 @@ def test_array_record_preparations_read_without_tensorflow(real_mnist_tfds, tmp_
     # The same examples in the same order as the TensorFlow path reads from its tfrecords.
     np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), splits["test"][0])
     np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), splits["test"][1])
-    refusal, modules = out.stdout.strip().splitlines()
+    refusal, corrupted, modules = out.stdout.strip().splitlines()
     assert "dataset 'mnist' is unavailable" in refusal and "array_record" in refusal
     assert "tfds.data_source('mnist'" in refusal and modules == "[]"
+    assert "split 'test'" in corrupted and "could not be read" in corrupted, corrupted
+    assert "corrupt or truncated: delete it and prepare it again" in corrupted
 
 
 def test_class_names_of_the_offline_datasets_are_tfds_label_names():

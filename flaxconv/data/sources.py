@@ -326,17 +326,28 @@ def _load_data_source(tfds, name: str, split: str, data_dir) -> tuple[np.ndarray
     """``split`` of a dataset that tfds prepared in the array_record format (what
     ``tfds.data_source`` prepares), read with ``tfds.data_source``: no TensorFlow. Preparing
     (or reading a tfrecord preparation) needs TensorFlow, so those are errors here."""
+    where = data_dir or "tfds's default data dir"
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        examples = [source[i] for i in range(len(source))]
     except Exception as err:  # noqa: BLE001 - tfds raises many kinds; each becomes this line
-        where = data_dir or "tfds's default data dir"
         raise DatasetUnavailableError(
             f"dataset {name!r} is unavailable: TensorFlow is not installed, and without it "
             f"only a tfds preparation in the array_record format can be read, which {where} "
             f"does not hold ({type(err).__name__}: {_one_line(err, 120)}); prepare one where "
             f"TensorFlow is installed with tfds.data_source({name!r}, data_dir=...), install "
             f"tensorflow, or put the published files in ${DATA_DIR_ENV}/{name}/"
+        ) from err
+    try:
+        # All records in one call: array_record reads them in parallel (1.5x one by one).
+        read_all = getattr(source, "__getitems__", None)
+        keys = list(range(len(source)))
+        examples = list(read_all(keys)) if read_all else [source[i] for i in keys]
+    except Exception as err:  # noqa: BLE001 - a corrupt or truncated file, in any wording
+        raise DatasetUnavailableError(
+            f"dataset {name!r}: its array_record preparation of split {split!r} in {where} "
+            f"could not be read ({type(err).__name__}: {_one_line(err, 160)}); it is corrupt "
+            f"or truncated: delete it and prepare it again with tfds.data_source({name!r}, "
+            f"data_dir=...) where TensorFlow is installed"
         ) from err
     if not examples:
         raise _unavailable(name, f"split {split!r} is empty")
