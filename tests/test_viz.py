@@ -43,6 +43,32 @@ def test_feature_maps_png_has_one_row_per_image_and_layer(tmp_path):
     assert png(one).shape[:2] == (64, 110 + 64 * 2)
 
 
+def test_each_cell_draws_its_map_on_its_own_viridis_scale(tmp_path):
+    import matplotlib
+
+    state, x = make_state(), images(1)
+    maps = fc.viz.activations(state, x)
+    pixels = png(fc.viz.feature_maps(state, x, tmp_path / "maps.png", cell=32))
+    viridis = matplotlib.colormaps["viridis"]
+    for r, name in enumerate(maps):  # one image: one row per layer
+        for channel in (0, 3):
+            m = maps[name][0, :, :, channel]
+            # The cell's first pixel (past its 1-pixel border) is the map's [0, 0].
+            drawn = pixels[r * 32 + 1, 110 + channel * 32 + 1, :3].astype(int)
+            expected = np.round(
+                np.asarray(viridis((m[0, 0] - m.min()) / (m.max() - m.min()))[:3]) * 255)
+            np.testing.assert_allclose(drawn, expected, atol=1, err_msg=f"{name}/{channel}")
+    # Filters: one symmetric gray scale for all of them, mid-gray at 0.
+    kernel = np.asarray(state.params["conv_0"]["kernel"])[:, :, 0, :]
+    pixels = png(fc.viz.filters(state, tmp_path / "f.png"))
+    scale = np.abs(kernel).max()
+    for o in range(kernel.shape[-1]):
+        drawn = pixels[24 + 2, o * 48 + 2, :3].astype(int)
+        gray = matplotlib.colormaps["gray"]((kernel[0, 0, o] + scale) / (2 * scale))
+        np.testing.assert_allclose(drawn, np.round(np.asarray(gray[:3]) * 255), atol=1,
+                                   err_msg=f"filter {o}")
+
+
 def test_feature_maps_differ_for_different_inputs(tmp_path):
     state = make_state()
     a, b = images(1, seed=1), images(1, seed=2)

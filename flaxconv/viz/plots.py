@@ -40,9 +40,49 @@ def _pyplot():
     return plt
 
 
+def _colormap(name: str):
+    """Matplotlib's colormap ``name``: values in [0, 1] -> RGBA."""
+    _pyplot()
+    import matplotlib
+
+    return matplotlib.colormaps[name]
+
+
 def _figure(width_px: int, height_px: int):
     # No tight bbox: the saved PNG is exactly width_px x height_px, as documented.
     return _pyplot().figure(figsize=(width_px / _DPI, height_px / _DPI), dpi=_DPI)
+
+
+def _nearest(image: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """``image`` ``[h, w, ...]`` resized to ``[rows, columns, ...]`` by repeating pixels
+    (what ``imshow(interpolation="nearest")`` draws in a larger cell)."""
+    h, w = image.shape[:2]
+    return image[(np.arange(rows) * h) // rows][:, (np.arange(columns) * w) // columns]
+
+
+def _scaled(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``values`` mapped from ``[low, high]`` onto ``[0, 1]`` (clipped; 0 where the range is
+    empty, as matplotlib's ``Normalize``)."""
+    if high <= low:
+        return np.zeros_like(values, np.float32)
+    return np.clip((values - low) / (high - low), 0.0, 1.0)
+
+
+def _draw_cells(fig, cells: list[tuple[int, int, np.ndarray]], size: int, pad: int,
+                left: int, height: int) -> None:
+    """Draws RGB cells ``(row_px, col_px, image [h, w, 3] in [0, 1])`` as one image on
+    ``fig``: each at ``size - 2 * pad`` pixels square, ``row_px`` from the top of a band
+    ``height`` pixels high that starts ``left`` pixels from the figure's left edge.
+
+    One ``figimage`` instead of an axes per cell: a 160-cell grid of feature maps takes
+    a tenth of the time (an axes with ``imshow`` costs about 10 ms)."""
+    width = max(col for _, col, _ in cells) + size
+    canvas = np.ones((height, width, 3), np.float32)  # white between the cells
+    inner = size - 2 * pad
+    for row, col, image in cells:
+        canvas[row + pad : row + pad + inner, col + pad : col + pad + inner] = _nearest(
+            image, inner, inner)
+    fig.figimage(canvas, xo=left, yo=0, origin="upper")
 
 
 def _save(fig, path: str | os.PathLike) -> str:
@@ -212,22 +252,20 @@ def feature_maps(
     rows = [(n, name) for n in range(count) for name in maps]
     width, height = _LABEL_PX + cell * columns, cell * len(rows)
     fig = _figure(width, height)
-    pad = 1.0
+    viridis = _colormap("viridis")
+    cells = []
     for r, (n, name) in enumerate(rows):
         m = maps[name][n]
-        top = height - r * cell
         fig.text(
-            (_LABEL_PX - 6) / width, (top - cell / 2) / height,
+            (_LABEL_PX - 6) / width, (height - r * cell - cell / 2) / height,
             f"image {n}\n{name}\n{'x'.join(map(str, m.shape))}",
             ha="right", va="center", fontsize=7,
         )
         for col, channel in enumerate(shown[name]):
-            ax = fig.add_axes([
-                (_LABEL_PX + col * cell + pad) / width, (top - cell + pad) / height,
-                (cell - 2 * pad) / width, (cell - 2 * pad) / height,
-            ])
-            ax.imshow(m[:, :, channel], cmap="viridis", interpolation="nearest")
-            ax.set_axis_off()
+            one = m[:, :, channel]  # its own color scale, as imshow's default
+            rgb = viridis(_scaled(one, float(one.min()), float(one.max())))[..., :3]
+            cells.append((r * cell, col * cell, rgb))
+    _draw_cells(fig, cells, cell, 1, _LABEL_PX, height)
     return _save(fig, path)
 
 
@@ -291,21 +329,15 @@ def filters(
     )
     scale = float(np.max(np.abs(kernel[:, :, input_channel, :]))) if not rgb else 1.0
     scale = scale or 1.0
-    pad = 2.0
+    gray = _colormap("gray")
+    cells = []
     for o in range(c_out):
         r, c = divmod(o, cols)
-        ax = fig.add_axes([
-            (c * cell + pad) / width, (height - _TITLE_PX - (r + 1) * cell + pad) / height,
-            (cell - 2 * pad) / width, (cell - 2 * pad) / height,
-        ])
-        if rgb:
+        if rgb:  # each filter min-max scaled
             k = kernel[:, :, :, o]
-            k = (k - k.min()) / max(float(k.max() - k.min()), 1e-12)
-            ax.imshow(k, interpolation="nearest")
-        else:
-            ax.imshow(
-                kernel[:, :, input_channel, o], cmap="gray", vmin=-scale, vmax=scale,
-                interpolation="nearest",
-            )
-        ax.set_axis_off()
+            image = _scaled(k, float(k.min()), float(k.max()))
+        else:  # one symmetric gray scale for all: mid-gray is 0
+            image = gray(_scaled(kernel[:, :, input_channel, o], -scale, scale))[..., :3]
+        cells.append((r * cell, c * cell, image))
+    _draw_cells(fig, cells, cell, 2, 0, height - _TITLE_PX)
     return _save(fig, path)
