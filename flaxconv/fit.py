@@ -57,21 +57,22 @@ from flaxconv.fit_inputs import (
 from flaxconv.history import History
 from flaxconv.metrics import check_labels, model_classes
 from flaxconv.progress import Progress, resolve_verbose
+from flaxconv.resume import (
+    IncompatibleWorkdirError,
+    callback_states,
+    check_config,
+    load_callback_states,
+    run_config,
+)
 from flaxconv.state import TrainState
 from flaxconv.workdir import (  # noqa: F401 - re-exported: fc.fit's names of one release
     LOCK_FILE,
-    IncompatibleWorkdirError,
     WorkdirLock,
     WorkdirLockedError,
-    _one_line,
-    callback_states,
-    check_config,
     claim_workdir,
-    load_callback_states,
     lock_workdir,
     make_workdir,
     replace_file,
-    run_config,
     write_json,
 )
 

@@ -31,7 +31,8 @@ from flaxconv.epochs import EpochPlan, epoch_plan
 from flaxconv.fit import NonFiniteLossError
 from flaxconv.history import History
 from flaxconv.history import append as append_logs
-from flaxconv.workdir import check_config, claim_workdir, write_json
+from flaxconv.resume import check_config
+from flaxconv.workdir import claim_workdir, write_json
 
 #: Config keys that a resumed sweep may change: they do not alter the training.
 RESUMABLE_CHANGES = ("epochs", "eval_batch_size", "workdir")

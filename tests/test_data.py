@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flaxconv import data
-from flaxconv.data import sources
+from flaxconv.data import idx_files, tfds_source
 
 REAL_DATA_DIR = os.environ.get(data.DATA_DIR_ENV)
 needs_real_data = pytest.mark.skipif(
@@ -30,12 +30,12 @@ def _write_fixture(root: Path, n_train: int = 20, n_test: int = 7) -> dict:
     rng = np.random.default_rng(0)
     folder = root / "mnist"
     folder.mkdir(parents=True)
-    (folder / sources.CUSTOM_FILES_MARKER).touch()  # not the published files: read unchecked
+    (folder / idx_files.CUSTOM_FILES_MARKER).touch()  # not the published files: read unchecked
     arrays = {}
     for split, n in (("train", n_train), ("test", n_test)):
         images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, n, dtype=np.uint8)
-        image_file, label_file = sources._SPLIT_FILES[split]
+        image_file, label_file = idx_files._SPLIT_FILES[split]
         (folder / image_file).write_bytes(gzip.compress(_idx_bytes(images, 0x803)))
         (folder / label_file).write_bytes(gzip.compress(_idx_bytes(labels, 0x801)))
         arrays[split] = (images, labels)
@@ -299,7 +299,7 @@ def test_tfds_download_failure_is_one_line(tmp_path, monkeypatch):
     """No local files and no network: tfds's error becomes DatasetUnavailableError."""
     pytest.importorskip("tensorflow_datasets")
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-    monkeypatch.setattr(sources, "_tfds_builder", lambda name, data_dir: _FailingBuilder())
+    monkeypatch.setattr(tfds_source, "_tfds_builder", lambda name, data_dir: _FailingBuilder())
     with pytest.raises(data.DatasetUnavailableError) as info:
         data.load("kmnist", "train", source="tfds", data_dir=tmp_path)
     message = str(info.value)

@@ -33,11 +33,11 @@ from tiny_data import pixel_dataset
 import flaxconv as fc
 from flaxconv import checkpoint, data, experiment, finetune, preemption
 from flaxconv import workdir as workdir_lib
-from flaxconv.data import sources
+from flaxconv.data import idx_files, tfds_source
 from flaxconv.experiment import cli, default_config, parse_flags
+from flaxconv.resume import IncompatibleWorkdirError
 from flaxconv.workdir import (
     LOCK_FILE,
-    IncompatibleWorkdirError,
     WorkdirLockedError,
     WorkdirWriteError,
     claim_workdir,
@@ -851,7 +851,7 @@ def test_fashion_files_under_mnist_are_refused_unless_the_folder_says_they_are_c
             f"; download it again, or, to train on files of your own, create an empty "
             f"{folder}/CUSTOM_FILES")):
         data.load("mnist", "train", source="raw")
-    (folder / sources.CUSTOM_FILES_MARKER).touch()
+    (folder / idx_files.CUSTOM_FILES_MARKER).touch()
     images, labels = data.load("mnist", "train", source="raw")
     assert images.shape == (60_000, 28, 28, 1) and labels.max() == 9
 
@@ -894,14 +894,14 @@ def test_nan_pixels_and_unscaled_floats_and_one_class_are_named_before_training(
 
 
 def test_a_dataset_to_download_while_offline_fails_at_once(tmp_path, monkeypatch):
-    if not sources._tfds_importable():
+    if not tfds_source._tfds_importable():
         pytest.skip("tfds needs TensorFlow")
 
     def offline(address, timeout=None):
         raise OSError(errno.ENETUNREACH, os.strerror(errno.ENETUNREACH))
 
-    monkeypatch.setattr(sources.socket, "create_connection", offline)
-    monkeypatch.setattr(sources.urllib.request, "getproxies", dict)
+    monkeypatch.setattr(tfds_source.socket, "create_connection", offline)
+    monkeypatch.setattr(tfds_source.urllib.request, "getproxies", dict)
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "no_cifar_here"))
     with pytest.raises(data.DatasetUnavailableError,
                        match=r"dataset 'cifar10' is unavailable \(cannot reach "

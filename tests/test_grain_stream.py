@@ -18,7 +18,7 @@ import pytest
 
 import flaxconv as fc
 from flaxconv import data, preemption
-from flaxconv.data import sources
+from flaxconv.data import idx_files
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_data import pixel_dataset  # noqa: E402
@@ -69,10 +69,10 @@ def raw_dir(tmp_path, monkeypatch):
     """A tiny MNIST in the published layout (own files, so unchecked) as $FLAXCONV_DATA_DIR."""
     folder = tmp_path / "mnist"
     folder.mkdir()
-    (folder / sources.CUSTOM_FILES_MARKER).touch()
+    (folder / idx_files.CUSTOM_FILES_MARKER).touch()
     rng = np.random.default_rng(1)
     for split, n in (("train", 30), ("test", 11)):
-        image_file, label_file = sources._SPLIT_FILES[split]
+        image_file, label_file = idx_files._SPLIT_FILES[split]
         (folder / image_file).write_bytes(_idx(rng.integers(0, 256, (n, 28, 28)), 0x803))
         (folder / label_file).write_bytes(_idx(rng.integers(0, 10, n), 0x801))
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
@@ -205,7 +205,7 @@ def test_stream_is_grain_by_default_in_the_order_of_batches(raw_dir):
 
 def test_stream_reads_changed_files_again(raw_dir):
     first = np.concatenate([b["label"] for b in data.stream("mnist", "test", 11)])
-    label_file = raw_dir / "mnist" / sources._SPLIT_FILES["test"][1]
+    label_file = raw_dir / "mnist" / idx_files._SPLIT_FILES["test"][1]
     label_file.write_bytes(_idx((first + 1) % 10, 0x801))
     os.utime(label_file, ns=(0, 10**18))  # a different mtime, however coarse the clock
     again = np.concatenate([b["label"] for b in data.stream("mnist", "test", 11)])

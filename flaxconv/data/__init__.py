@@ -2,11 +2,13 @@
 
 One module per concept:
 
-* :mod:`~flaxconv.data.sources`: whole datasets in memory. ``"raw"`` reads the published
-  gzipped IDX files of MNIST / Fashion-MNIST from ``$FLAXCONV_DATA_DIR/<name>/`` with numpy
-  only, so it works without TensorFlow (a GPU box, a Colab TPU runtime); ``"tfds"`` goes
-  through ``tensorflow_datasets``, which prepares its dataset from those files with no
-  network when ``$FLAXCONV_DATA_DIR/<name>/`` holds them.
+* :mod:`~flaxconv.data.sources`: whole datasets in memory. ``"raw"``
+  (:mod:`~flaxconv.data.idx_files`) reads the published gzipped IDX files of MNIST /
+  Fashion-MNIST from ``$FLAXCONV_DATA_DIR/<name>/`` with numpy only, so it works without
+  TensorFlow (a GPU box, a Colab TPU runtime); ``"tfds"``
+  (:mod:`~flaxconv.data.tfds_source`) goes through ``tensorflow_datasets``, which prepares
+  its dataset from those files with no network when ``$FLAXCONV_DATA_DIR/<name>/`` holds
+  them.
 * :mod:`~flaxconv.data.batching`: fixed-shape batches of in-memory arrays.
 * :mod:`~flaxconv.data.grain_stream`: the streaming pipeline, for data that does not sit
   on the device: any random-access source (``len`` + ``source[i]``) read by grain's
@@ -36,6 +38,7 @@ from flaxconv.data._common import DATA_DIR_ENV, Batch, DatasetUnavailableError
 from flaxconv.data.batching import batches
 from flaxconv.data.folder_index import IMAGE_EXTENSIONS, write_image_folder
 from flaxconv.data.grain_stream import ArraySource, grain_batches
+from flaxconv.data.idx_files import read_idx
 from flaxconv.data.image_folders import ImageFolder, image_folder
 from flaxconv.data.images import COLOR_MODES, RESIZE_METHODS, read_image
 from flaxconv.data.sign_language import (
@@ -43,7 +46,7 @@ from flaxconv.data.sign_language import (
     load_sign_language_mnist,
     sign_language_folder,
 )
-from flaxconv.data.sources import class_names, load, names, num_classes, read_idx
+from flaxconv.data.sources import class_names, load, names, num_classes
 from flaxconv.data.streaming import BACKENDS, stream
 
 __all__ = [

@@ -22,9 +22,11 @@ from flaxconv.data._common import (
     Batch,
     _check_non_negative_int,
     _check_positive_int,
+    _env_dir,
 )
 from flaxconv.data.grain_stream import ArraySource, check_workers, grain_batches
-from flaxconv.data.sources import _SPLIT_FILES, _env_dir, load
+from flaxconv.data.idx_files import _SPLIT_FILES
+from flaxconv.data.sources import load
 
 BACKENDS = ("grain", "tf")
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from flaxconv.data._common import Batch, check_start
-from flaxconv.data.sources import _check_features, _import_tfds, _prepared_builder
+from flaxconv.data.tfds_source import _check_features, _import_tfds, _prepared_builder
 
 
 def tf_batches(name: str, split: str, batch_size: int, shuffle: bool, seed: int, epoch: int,
