@@ -1,12 +1,12 @@
 """Resuming a run: which run a workdir holds, and what the next run must share with it.
 
 :func:`check_config` keeps a workdir to one configuration (``config.json``, written by the
-first run): :func:`run_config` is what a resumed run must share with the first (the
-model, input shape, parameter shapes and optimizer state structure, and the caller's
-settings), so a formulation change of the kernel seam never makes a workdir look like
-another configuration. :func:`callback_states` /
-:func:`load_callback_states` carry the callbacks' state through a checkpoint. The workdir
-itself (its lock, its atomic writes) is :mod:`flaxconv.workdir`'s.
+first run). :func:`run_config` is what a resumed run must share with the first: the model,
+input shape, parameter shapes, optimizer state structure and the caller's settings, so a
+formulation change of the kernel seam never makes a workdir look like another
+configuration. :func:`callback_states` / :func:`load_callback_states` carry the callbacks'
+state through a checkpoint. The workdir itself (its lock, its atomic writes) is
+:mod:`flaxconv.workdir`'s.
 """
 
 from __future__ import annotations
