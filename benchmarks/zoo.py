@@ -26,12 +26,12 @@ Each (model, peer) runs in its own fresh process, one after another: an untimed 
 of ``--steps`` steps (compilation, tracing), then ``--repeats`` timed epochs of ``--steps``
 steps; ms/step is the best timed epoch divided by its steps. The opt-out rows
 (``flaxconv-xla``), 10-40x slower on CPU, time ``--xla-steps`` steps per epoch instead. "x
-Keras" divides ms/step by Keras's on the same model. The flaxconv rows name the
+Keras" divides ms/step by Keras-TF's on the same model, or by Keras-JAX's where no Keras-TF
+row ran. The flaxconv rows name the
 formulation of each conv and pool layer (``fc.steps.explain_kernels``) and count the
 fallbacks to XLA's own operations. The flaxconv workers can run on another interpreter
 (``--flaxconv-python``, e.g. a venv with a newer jax); a peer whose packages are missing is
-skipped with one line. "x Keras" divides by Keras-TF's row, or by Keras-JAX's where no Keras-TF
-row ran. The defaults (100 steps, 10 for flaxconv-xla, best of 3) take about
+skipped with one line. The defaults (100 steps, 10 for flaxconv-xla, best of 3) take about
 10 minutes on the 2-core development machine when it is otherwise idle.
 """
 

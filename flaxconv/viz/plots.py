@@ -74,8 +74,8 @@ def _draw_cells(fig, cells: list[tuple[int, int, np.ndarray]], size: int, pad: i
     ``fig``: each at ``size - 2 * pad`` pixels square, ``row_px`` from the top of a band
     ``height`` pixels high that starts ``left`` pixels from the figure's left edge.
 
-    One ``figimage`` instead of an axes per cell: a 160-cell grid of feature maps takes
-    a tenth of the time (an axes with ``imshow`` costs about 10 ms)."""
+    One ``figimage`` instead of an axes with ``imshow`` per cell: matplotlib spends about
+    10 ms on each axes, 1.7 s for the 160 cells of the MNIST job's feature maps."""
     width = max(col for _, col, _ in cells) + size
     canvas = np.ones((height, width, 3), np.float32)  # white between the cells
     inner = size - 2 * pad
