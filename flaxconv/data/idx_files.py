@@ -17,7 +17,6 @@ import numpy as np
 from flaxconv.data._common import DATA_DIR_ENV, _corrupt_gzip, _env_dir, _unavailable
 
 _OFFLINE_NAMES = ("mnist", "fashion_mnist")
-
 # Published file names (identical for MNIST and Fashion-MNIST), per split: (images, labels).
 _SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -52,9 +51,7 @@ _PUBLISHED_SHA256 = {
 #: An empty file of this name in ``$FLAXCONV_DATA_DIR/<name>/`` marks the files there as
 #: your own: the raw source reads them without comparing them with the published files.
 CUSTOM_FILES_MARKER = "CUSTOM_FILES"
-
 _IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
-
 _IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 
 
