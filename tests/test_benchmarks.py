@@ -2,7 +2,7 @@
 follow the real model, whole (the model's FLOPs) and trimmed (what flaxconv executes, per
 kernels policy), and the GEMM bound of conv_impl.py does exactly those FLOPs; the zoo's
 models are the same architecture in Flax, Keras and PyTorch, and its table divides by the
-right Keras row. No timings."""
+right Keras row; the step profiler names the compiled operations it times. No timings."""
 
 import pathlib
 import sys
@@ -17,6 +17,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
 
 import conv_impl  # noqa: E402
 import mnist_speed  # noqa: E402
+import profile_step  # noqa: E402
 import zoo  # noqa: E402
 
 
@@ -138,3 +139,24 @@ def test_zoo_ratios_divide_by_keras_tf_or_else_by_keras_on_jax():
                          ("keras-tf", None), ("torch", 4.0)))
     assert "x Keras-JAX" in gpu and "| resnet | flaxconv-fit | 2.00 | 0.25x |" in gpu
     assert "| resnet | torch | 4.00 | 0.50x |" in gpu
+
+
+def test_the_step_profiler_times_the_operations_of_the_compiled_program(tmp_path):
+    def step(x):
+        return jax.numpy.tanh(x @ x.T).sum(axis=0)
+
+    x = np.ones((256, 256), np.float32)
+    compiled = jax.jit(step).lower(x).compile()
+    (tmp_path / "hlo").mkdir()
+    # Named as XLA names the dump of fit's epoch program.
+    (tmp_path / "hlo" / "m.jit_train_epoch_fn.cpu_after_optimizations.txt").write_text(
+        compiled.as_text())
+    ops = profile_step.compiled_ops(str(tmp_path / "hlo"))
+    assert any(shape.startswith("f32[256,256]") and "dot_general" in op_name
+               for shape, op_name in ops.values())
+    jax.profiler.start_trace(str(tmp_path / "trace"))
+    for _ in range(3):
+        jax.block_until_ready(compiled(x))
+    jax.profiler.stop_trace()
+    times = profile_step.op_times(str(tmp_path / "trace"), ops)
+    assert times and set(times) <= set(ops) and all(t > 0 for t in times.values())

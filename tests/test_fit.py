@@ -197,8 +197,13 @@ def test_all_checkpoints_corrupt_starts_over_with_a_warning(tmp_path):
     reference, _ = fit(epochs=2, workdir=tmp_path)
     for epoch in ("0", "1"):
         _corrupt(tmp_path / "checkpoints" / epoch, "truncate_meta")
-    with pytest.warns(RuntimeWarning, match="training starts over"):
+    with pytest.warns(RuntimeWarning) as caught:
         again, history = fit(epochs=2, workdir=tmp_path)
+    messages = [str(w.message) for w in caught]
+    for epoch in ("1", "0"):  # newest first, each reported and moved aside
+        assert any(f"checkpoints/{epoch} is corrupt or incomplete" in m for m in messages)
+    assert any("training starts over" in m for m in messages)
+    assert len(os.listdir(f"{tmp_path}/checkpoints.corrupt")) == 2
     assert len(history["loss"]) == 2
     chex.assert_trees_all_equal(again.params, reference.params)
 
