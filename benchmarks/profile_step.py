@@ -72,9 +72,9 @@ def main(argv=None) -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_dump_to={work}/hlo --xla_dump_hlo_as_text").strip()
     import jax
+    import zoo
 
     import flaxconv as fc
-    import zoo
 
     if args.model not in zoo.MODELS:
         sys.exit(f"--model {args.model!r}: expected one of {', '.join(zoo.MODELS)}")
