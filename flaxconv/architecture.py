@@ -41,7 +41,7 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from flaxconv import models
-from flaxconv.state import NNXModel, split_nnx
+from flaxconv.nnx_model import NNXModel, split_nnx
 
 
 class SavedModelError(ValueError):

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from flaxconv.kernels import policy_name
-from flaxconv.state import NNXModel, TrainState
+from flaxconv.nnx_model import NNXModel
+from flaxconv.state import TrainState
 from flaxconv.steps import predict_fn
 from flaxconv.workdir import replace_file
 

@@ -51,7 +51,7 @@ def freeze_state(
       state (moments for the trainable parameters only; ``step`` is kept), and a model
       whose frozen BatchNorm layers run in inference mode (its ``frozen_batch_norm``
       field, as on :class:`flaxconv.models.ConvStack` and
-      :class:`flaxconv.state.NNXModel`). Params and batch_stats are the same arrays.
+      :class:`flaxconv.nnx_model.NNXModel`). Params and batch_stats are the same arrays.
 
     Raises:
       ValueError: a pattern matches no parameter (the message lists the layers), or

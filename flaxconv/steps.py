@@ -114,7 +114,7 @@ def apply_model(state: TrainState, variables: Any, images: jax.Array, *, train: 
     """``state.model.apply(variables, images, train=train, rngs=rngs, **apply_kwargs)``
     through the kernel seam: :func:`flaxconv.kernels.rewrite` with ``state.kernels``.
 
-    ``state.model`` is a linen module or a :class:`flaxconv.state.NNXModel` (an NNX
+    ``state.model`` is a linen module or a :class:`flaxconv.nnx_model.NNXModel` (an NNX
     module's graphdef: ``apply`` merges the variables into a fresh module, sets its mode
     and runs it); see :func:`_forward`. ``apply_kwargs`` (``mutable``, and
     ``capture_intermediates`` for linen or ``capture`` for NNX) are static. Returns what
@@ -129,7 +129,7 @@ def _forward(state: TrainState, train: bool, **apply_kwargs: Any):
     """The model's pass as a function of arrays only, the form the kernel seam takes.
 
     Both kinds of model dispatch through their own ``apply``: linen's ``Module.apply``, or
-    :meth:`flaxconv.state.NNXModel.apply` (``nnx.merge`` of the variables, then
+    :meth:`flaxconv.nnx_model.NNXModel.apply` (``nnx.merge`` of the variables, then
     ``model.train()``/``model.eval()`` and the RNG streams reseeded from ``rngs``), so
     NNX models reach the seam as the same pure function of (variables, images, rngs).
     """

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flaxconv.nnx_model import NNXModel, call_layers, split_nnx
 from flaxconv.optim.freezing import key_name, layer_mask
-from flaxconv.state import NNXModel, TrainState, call_layers, split_nnx
+from flaxconv.state import TrainState
 
 
 def layer_table(
@@ -29,7 +30,7 @@ def layer_table(
 
     A linen model's layers are its direct submodules (type from the name: ``conv_0`` is a
     ``Conv``); an NNX model's are the submodules its ``__call__`` calls directly
-    (:func:`flaxconv.state.call_layers`: name ``"conv1"`` or ``"blocks/0"``, type the class
+    (:func:`flaxconv.nnx_model.call_layers`: name ``"conv1"`` or ``"blocks/0"``, type the class
     name). Variables that no listed layer holds (e.g. all of an NNX module bridged to linen
     by ``nnx.bridge.to_linen``, whose inner layers linen does not see) get one row per
     top-level name with type and output shape None, so the rows always add up to the

@@ -5,7 +5,7 @@ Layers are named as in the model (``conv_0``, ``bn_0``, ``pool_0``, ...); featur
 from Flax's ``capture_intermediates``, so they are each layer's own output: a ``conv_i`` map
 is the convolution before BatchNorm and relu, a ``pool_i`` map is after the relu. An NNX
 model's layers are the submodules its ``__call__`` calls, named by attribute path
-(``conv1``, ``blocks/0``; see :func:`flaxconv.state.call_layers`): its pools, being
+(``conv1``, ``blocks/0``; see :func:`flaxconv.nnx_model.call_layers`): its pools, being
 functions (``nnx.max_pool``), have no maps of their own. The layers are found by
 :func:`flaxconv.viz.model_summary.layer_table`. Plots go through matplotlib's Agg backend
 (no display needed); matplotlib is imported on the first plot, not with this module.
@@ -22,7 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from flaxconv.state import NNXModel, TrainState
+from flaxconv.nnx_model import NNXModel
+from flaxconv.state import TrainState
 from flaxconv.steps import apply_model, check_images, prepare_images
 from flaxconv.viz.model_summary import layer_table
 
