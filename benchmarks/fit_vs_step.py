@@ -113,11 +113,7 @@ def main(argv=None) -> None:
             rows += ["| model | " + " | ".join(header) + " |",
                      "|---|" + "---|" * len(header)]
         rows.append(f"| {model_name} | " + " | ".join(f"{best[k]:.3f}" for k in header) + " |")
-    table = "\n".join(rows)
-    print(table)
-    if args.out:
-        with open(f"{args.out}.md", "w") as f:
-            f.write(table + "\n")
+    zoo.print_table(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -99,11 +99,7 @@ def main(argv=None) -> None:
         shape, op_name = ops[name]
         rows.append(f"| {nanoseconds / 1e6 / args.steps:.3f} | {name} | {shape.split('{')[0]} "
                     f"| {op_name} |")
-    table = "\n".join(rows)
-    print(table)
-    if args.out:
-        with open(f"{args.out}.md", "w") as f:
-            f.write(table + "\n")
+    zoo.print_table(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -424,6 +424,16 @@ def describe(info: dict) -> str:
     return text
 
 
+def print_table(lines: list[str], out: str | None) -> None:
+    """Prints ``lines`` (a command line, a machine line, a Markdown table) and, with ``out``,
+    writes them to ``out.md`` too."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        with open(f"{out}.md", "w") as f:
+            f.write(text + "\n")
+
+
 def split_list(text: str, valid: tuple[str, ...], what: str, parser) -> list[str]:
     items = [s.strip() for s in text.split(",") if s.strip()]
     unknown = sorted(set(items) - set(valid))
