@@ -16,16 +16,14 @@ array file, though, so every checkpoint also carries a SHA-256 of its arrays and
 checked by every restore (:meth:`Checkpoints.restore` and :func:`restore_params`). A
 checkpoint that does not restore or fails the check (a truncated, garbled or edited file) is
 reported with a warning and moved aside to ``<dir>.corrupt/``:
-:meth:`Checkpoints.restore_latest` falls back to the previous intact one. When Orbax fails
-part-way through reading one (a missing or truncated array file), the reads it started
-finish after its event loop has closed, and each would print a traceback of its own ("Event
-loop is closed", "exception was never retrieved"); those are dropped, so the restore's error
-(raised, or the warning) is the one report.
+:meth:`Checkpoints.restore_latest` falls back to the previous intact one.
 
 A save that fails because the disk is full or the folder is not writable raises one
 :class:`~flaxconv.workdir.WorkdirWriteError` naming the checkpoint, from that save or (for
 an asynchronous one) from the next save, :meth:`Checkpoints.wait` or :meth:`Checkpoints.close`;
 its unfinished temporary folder is removed, and the checkpoints already committed stay.
+Either way that error is the one report: the tracebacks of Orbax's other reads and writes
+in flight are dropped (:mod:`flaxconv.orbax_reports`).
 
 What a checkpoint holds and its checksum are in :mod:`flaxconv.checkpoint_contents`;
 :func:`restore_params` (some layers into another model, for fine-tuning) is in
@@ -39,12 +37,9 @@ import errno
 import gc
 import glob
 import json
-import logging
 import os
 import shutil
-import sys
 import time
-import traceback
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +47,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from flaxconv import orbax_reports
 
 # Checkpoints.save looks _CHECKSUM and _digest up in this module (tests patch them here).
 from flaxconv.checkpoint_contents import (  # noqa: F401 - the unused ones: re-exported
@@ -69,75 +66,6 @@ from flaxconv.checkpoint_contents import (  # noqa: F401 - the unused ones: re-e
 from flaxconv.checkpoint_transfer import restore_params  # noqa: F401 - re-exported
 from flaxconv.state import TrainState
 from flaxconv.workdir import WorkdirWriteError, write_error
-
-log = logging.getLogger(__name__)
-
-
-class _DropReportedOrbaxErrors(logging.Filter):
-    """Drops the log records of Orbax failures that reach the user another way:
-
-    * a save that failed for want of space or permission: each of its writer threads logs a
-      traceback (hundreds of lines), and asyncio logs the futures it abandoned, while the
-      error reaches the caller once, as a ``WorkdirWriteError`` naming the checkpoint
-      (:meth:`Checkpoints.wait`);
-    * the reads of a checkpoint that failed to restore: asyncio logs each failed read after
-      the first as "never retrieved", while the first reached the caller
-      (:meth:`Checkpoints.restore` raises it, :meth:`Checkpoints.restore_latest` reports it).
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR or not record.exc_info or record.exc_info[1] is None:
-            return True
-        if record.name == "asyncio":
-            message = record.getMessage()
-            if "never retrieved" not in message:
-                return True
-            if any(folder in message for folder in _restored_folders):
-                return False
-            if not _write_error_reported:
-                return True
-        elif f"{os.sep}orbax{os.sep}" not in record.pathname:
-            return True
-        return write_error("", record.exc_info[1]) is None
-
-
-_write_error_reported = False  # a WorkdirWriteError of a save was raised in this process
-_restored_folders: set[str] = set()  # checkpoint folders Checkpoints.restore read, "/.../3/"
-for _logger in ("absl", "asyncio"):  # Orbax logs through absl
-    logging.getLogger(_logger).addFilter(_DropReportedOrbaxErrors())
-# Orbax 0.12 leaves this coroutine unawaited when a restore fails: Python warns as it is freed.
-warnings.filterwarnings("ignore", r"coroutine 'Store\._get_array_metadatas' was never awaited",
-                        RuntimeWarning)
-
-
-def _quiet_orphaned_reads(folder: str) -> None:
-    """Before Orbax reads checkpoint ``folder``: when a restore fails part-way, the reads it
-    started finish after its event loop has closed, and each prints a traceback of its own
-    (tensorstore's threads: an unraisable ``RuntimeError("Event loop is closed")``; asyncio:
-    an exception "never retrieved" that names the folder). The restore's own error is the
-    one report, so those are dropped: the folder joins :data:`_restored_folders`, and an
-    unraisable-exception hook drops exactly the closed-loop errors, passing everything else
-    to the hook that was there before (installed again if something replaced it: pytest
-    does, per test)."""
-    _restored_folders.add(os.path.join(os.path.abspath(folder), ""))
-    if getattr(sys.unraisablehook, "drops_orphaned_reads", False):
-        return
-    previous = sys.unraisablehook
-
-    def hook(unraisable) -> None:
-        if not _is_closed_loop_error(unraisable.exc_value, unraisable.exc_traceback):
-            previous(unraisable)
-
-    hook.drops_orphaned_reads = True
-    sys.unraisablehook = hook
-
-
-def _is_closed_loop_error(error: BaseException | None, trace) -> bool:
-    """Whether ``error`` is asyncio refusing a callback because its loop is closed."""
-    if not isinstance(error, RuntimeError) or str(error) != "Event loop is closed":
-        return False
-    return any(frame.name == "call_soon_threadsafe" and f"asyncio{os.sep}" in frame.filename
-               for frame in traceback.extract_tb(trace))
 
 
 def _abstract(tree: Any) -> Any:
@@ -244,7 +172,7 @@ class Checkpoints:
           CorruptCheckpointError: its arrays or metadata do not match the saved checksum.
           Other exceptions of Orbax's: files missing or unreadable, another structure.
         """
-        _quiet_orphaned_reads(os.path.join(self.directory, str(epoch)))
+        orbax_reports.reading(os.path.join(self.directory, str(epoch)))
         meta = self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = dict(meta["meta"] or {})
         if meta.get("weights_only") and jax.tree.leaves(template.opt_state):
@@ -351,8 +279,7 @@ class Checkpoints:
         # nothing is writing (the failed save has ended), so they go now.
         for tmp in glob.glob(os.path.join(glob.escape(self.directory), "*.orbax-checkpoint-tmp*")):
             shutil.rmtree(tmp, ignore_errors=True)
-        global _write_error_reported
-        _write_error_reported = True
+        orbax_reports.write_error_raised()
         # The failed save's abandoned coroutines, closed now rather than at interpreter exit
         # (where they print tracebacks of their own).
         gc.collect()

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from flaxconv import finetune
+from flaxconv import finetune, orbax_reports
 from flaxconv.checkpoint_contents import _array_targets, _verify
 from flaxconv.state import TrainState
 
@@ -82,6 +82,7 @@ def restore_params(
             epochs = [epoch]
         for candidate in epochs:
             where = f"{root}/{candidate}"
+            orbax_reports.reading(where)
             try:
                 saved = manager.item_metadata(candidate)["state"]
                 saved = getattr(saved, "tree", saved)
