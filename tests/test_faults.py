@@ -290,7 +290,7 @@ def test_checkpoints_with_the_earlier_checksum_still_verify(tmp_path, monkeypatc
 
 
 CORRUPT_RESUME = """
-import glob, os, sys
+import glob, os, shutil, sys
 import jax
 import flaxconv as fc
 sys.path.insert(0, sys.argv[2])
@@ -304,8 +304,14 @@ def fit(epochs):
 fit(2)
 for path in glob.glob(f"{workdir}/checkpoints/*/state/d/*"):  # every array file
     os.remove(path)
+shutil.copytree(f"{workdir}/checkpoints", f"{workdir}-copy")
 fit(3)
-print("finished")
+state = fc.create_train_state(jax.random.key(0), fc.models.get("dense", num_classes=3),
+                              fc.optim.make("adam"), pixel_dataset(1, 3)[0])
+try:
+    fc.checkpoint.restore_params(f"{workdir}-copy", state)
+except FileNotFoundError:
+    print("finished")
 """
 
 
@@ -319,10 +325,12 @@ def test_checkpoints_orbax_cannot_read_are_reported_once_each_without_tracebacks
     )
     assert child.returncode == 0 and child.stdout.strip() == "finished", child.stderr
     warned = [line for line in child.stderr.splitlines() if "RuntimeWarning" in line]
-    assert len(warned) == 3, child.stderr
+    assert len(warned) == 5, child.stderr
     for epoch, line in zip(("1", "0"), warned, strict=False):
         assert f"checkpoints/{epoch} is corrupt or incomplete" in line
     assert "training starts over" in warned[2]
+    # restore_params (fine-tuning) tries both copies, each one warning, then refuses.
+    assert all("has no readable state metadata" in line for line in warned[3:])
     for noise in ("Traceback", "never retrieved", "never awaited", "Event loop is closed"):
         assert noise not in child.stderr, child.stderr
     assert len(os.listdir(tmp_path / "run" / "checkpoints.corrupt")) == 2
