@@ -16,7 +16,9 @@ For each zoo model (``benchmarks/zoo.py``, batch 64, rmsprop), ms per step of:
   ``flaxconv-step`` row.
 
 ``scan+gather`` against the other three splits the gap between ``fc.fit`` and the loop
-into the gather's cost and the loop's. Every way runs ``--repeats`` times, interleaved,
+into the gather's cost and the loop's. With ``--keep-freed-memory`` the C allocator keeps
+each call's scratch memory (:mod:`flaxconv.cpu_memory`): on CPU, the loop's gap is mostly
+page faults without it. Every way runs ``--repeats`` times, interleaved,
 after a compiling first run; the best counts. Random uint8 data of the model's input shape
 (timing only).
 """
@@ -33,6 +35,7 @@ import zoo
 
 import flaxconv as fc
 from flaxconv import epochs as ep
+from flaxconv.cpu_memory import keep_freed_memory
 from flaxconv.steps import train_step_fn
 
 
@@ -99,7 +102,11 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", help="also write the table to PATH.md")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="call flaxconv.cpu_memory.keep_freed_memory() first")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     models = zoo.split_list(args.models, zoo.MODELS, "--models", parser)
     device = jax.devices()[0]
     rows = [f"`python benchmarks/fit_vs_step.py {' '.join(argv or sys.argv[1:])}`", "",

@@ -1,5 +1,8 @@
 """The public step functions: purity, learning, exact metric sums, vmap/scan, bad input."""
 
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -272,3 +275,30 @@ def test_an_xla_that_refuses_the_init_options_compiles_as_usual(monkeypatch):
     failing = state_lib._jit_once(lambda x: x.reshape(7))  # the function's own error stays
     with pytest.raises(TypeError, match="reshape"):
         failing(jnp.arange(3.0))
+
+
+KEEP_FREED_MEMORY = """
+import resource, sys
+import jax, jax.numpy as jnp
+from flaxconv.cpu_memory import keep_freed_memory
+print(keep_freed_memory())
+step = jax.jit(lambda a: jnp.tanh(a @ a).sum(0))  # a 36 MB product: XLA's temporary buffer
+a = jnp.ones((3072, 3072), jnp.float32)
+step(a).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step(a).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_stops_each_call_faulting_its_scratch_memory_in_again():
+    # Without it, glibc maps each call's 36 MB scratch buffer afresh: ~9,400 page faults a
+    # call on jax 0.12, ~440,000 on jax 0.10.2 (measured), against 0-1,800 with it.
+    child = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY], capture_output=True,
+                           text=True, timeout=300)
+    assert child.returncode == 0, child.stderr
+    applied, faults = child.stdout.split()
+    assert applied == "True"
+    assert float(faults) < 36 * 2**20 / 4096 / 2, faults  # under half the buffer's pages
