@@ -10,9 +10,10 @@ Orbax saves and restores a checkpoint with many reads or writes in flight at onc
   (hundreds of lines), and asyncio logs the futures it abandoned;
 * a restore that failed part-way (a missing or truncated array file): the reads it started
   finish after Orbax has closed its event loop, and each prints an unraisable
-  ``RuntimeError("Event loop is closed")`` from tensorstore's threads, or is logged by
-  asyncio as an exception "never retrieved" that names the checkpoint's folder; Orbax 0.12
-  also leaves a coroutine unawaited, which Python warns of as it is freed.
+  ``RuntimeError("Event loop is closed")`` from tensorstore's threads, or fails again as
+  its coroutine is closed (an unraisable exception that names the checkpoint's folder), or
+  is logged by asyncio as an exception "never retrieved" that names it; Orbax 0.12 also
+  leaves a coroutine unawaited, which Python warns of as it is freed.
 
 Importing this module installs a logging filter on the ``absl`` and ``asyncio`` loggers and
 a warnings filter for that coroutine; :func:`reading` (called before every restore) arms
@@ -70,7 +71,8 @@ def write_error_raised() -> None:
 def reading(folder: str) -> None:
     """Called before Orbax reads checkpoint ``folder``: should the restore fail, the stray
     reports of its orphaned reads are dropped. An unraisable-exception hook drops exactly the
-    closed-loop errors and passes everything else to the hook that was there before
+    closed-loop errors and the read errors that name a folder being read, and passes
+    everything else to the hook that was there before
     (installed again if something replaced it: pytest does, per test)."""
     _read_folders.add(os.path.join(os.path.abspath(folder), ""))
     if getattr(sys.unraisablehook, "drops_orphaned_reads", False):
@@ -78,11 +80,21 @@ def reading(folder: str) -> None:
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
-        if not _is_closed_loop_error(unraisable.exc_value, unraisable.exc_traceback):
+        error, trace = unraisable.exc_value, unraisable.exc_traceback
+        if not (_is_closed_loop_error(error, trace) or _is_orphaned_read_error(error, trace)):
             previous(unraisable)
 
     hook.drops_orphaned_reads = True
     sys.unraisablehook = hook
+
+
+def _is_orphaned_read_error(error: BaseException | None, trace) -> bool:
+    """Whether ``error`` is an Orbax read of a checkpoint folder being read, failing as its
+    coroutine is closed after the restore gave up (it names the folder)."""
+    if error is None or not any(folder in str(error) for folder in _read_folders):
+        return False
+    return any(f"{os.sep}orbax{os.sep}" in frame.filename
+               for frame in traceback.extract_tb(trace))
 
 
 def _is_closed_loop_error(error: BaseException | None, trace) -> bool:
