@@ -37,9 +37,10 @@ SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 30))
 def keep_freed_memory() -> bool:
     """Makes the C allocator keep freed memory for reuse (glibc's ``mallopt``: see
     :data:`SETTINGS`), so a compiled program's temporary buffer is faulted in during the
-    first few calls (while the heap grows to its working size), not on every call. Process-wide and not undone: the process's resident memory then stays
-    near its peak, as with PyTorch's and TensorFlow's caching allocators. Call it before
-    the first computation, since threads that already hold an arena keep it.
+    first few calls (while the heap grows to its working size), not on every call.
+    Process-wide and not undone: the process's resident memory then stays near its peak,
+    as with PyTorch's and TensorFlow's caching allocators. Call it before the first
+    computation, since threads that already hold an arena keep it.
 
     Returns:
       Whether it applied: False off Linux or without glibc (e.g. musl), changing nothing.
