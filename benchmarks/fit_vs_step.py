@@ -41,8 +41,6 @@ from flaxconv.steps import train_step_fn
 
 def ways(steps: int):
     """``{name: run(state, data) -> state}``: each trains ``steps`` steps."""
-    epoch = jax.jit(ep.train_epoch_fn, donate_argnums=0)
-
     def unrolled_fn(state, images, labels, indices, mask):
         def body(state, xs):
             return train_step_fn(state, ep.gather_batch(images, labels, *xs))
@@ -59,7 +57,7 @@ def ways(steps: int):
         return state, metrics
 
     return {
-        "scan+gather": lambda state, d: epoch(state, *d["arrays"]),
+        "scan+gather": lambda state, d: ep.train_epoch(state, *d["arrays"]),  # fit's program
         "scan+gather, unroll 2": lambda state, d: unrolled(state, *d["arrays"]),
         "scan, batches built": lambda state, d: built(state, d["built"]),
         "train_step loop": loop,
