@@ -120,6 +120,11 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta", "arrays")
         )
+        # Orbax's manager asks JAX's preemption sync point from its saves, with its own
+        # step numbers (and from a background thread). The protocol needs one sequence of
+        # ids per process, and fit's stop flag owns it (flaxconv.preemption); each save
+        # here is one fit asked for anyway.
+        self.manager.reached_preemption = lambda step: False
         self.asynchronous = asynchronous
         self._pending: int | None = None  # the epoch of a save that may still be running
 

@@ -10,6 +10,13 @@ raising :class:`Preempted`. Running the same command again resumes from that poi
 with the same parameters as an uninterrupted run. A second SIGTERM ends the process at once
 (saves are atomic, so that is a kill -9: the previous checkpoint is resumed).
 
+In a multi-process run (``jax.distributed``) every process must stop at the same step, or
+the others would wait forever in a collective. There the signal is JAX's to catch: its
+preemption service (on by default) handles SIGTERM in each process and tells all of them,
+and the run asks :func:`jax.experimental.multihost_utils.reached_preemption_sync_point` at
+each step or chunk boundary; all processes get True at the same boundary, save together
+and exit with status 143.
+
 The anchors are TensorFlow's ``PreemptionCheckpointHandler`` (save at the next step after
 the signal, then exit) and Keras's ``BackupAndRestore`` (resume mid-epoch by skipping the
 batches already trained). A stopped epoch is saved under ``<workdir>/preempted/<step>/``
@@ -19,6 +26,7 @@ and accuracy; it is removed once the epoch's own checkpoint is on disk.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -28,6 +36,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from flaxconv.checkpoint import Checkpoints
 from flaxconv.state import TrainState
@@ -78,8 +87,14 @@ class StopFlag:
         self.reason: str | None = None
         self._previous: Any = None
         self._installed = False
+        self._synced = False  # multi-process: JAX's preemption sync point decides
 
     def __call__(self) -> bool:
+        # Every process asks at the same boundaries, so the call ids agree (the protocol
+        # needs that); the sync point is one id that all processes reach.
+        if (self.reason is None and self._synced
+                and multihost_utils.reached_preemption_sync_point(next(_sync_point_ids))):
+            self.reason = "SIGTERM: JAX's preemption notice"
         return self.reason is not None
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -99,6 +114,8 @@ class StopFlag:
 
 
 _active: StopFlag | None = None  # the flag of the run now training in this process
+# This process's calls of JAX's preemption sync point: ids that only grow, across runs.
+_sync_point_ids = itertools.count()
 
 
 def watch_sigterm() -> StopFlag:
@@ -106,16 +123,18 @@ def watch_sigterm() -> StopFlag:
     flag the run polls (and must :meth:`~StopFlag.close`).
 
     The handler is installed only where it can work: in the main thread (Python delivers
-    signals there), in a single-process run (one host stopping alone would leave the
-    others waiting in a collective), and where SIGTERM still has its default disposition
-    (a handler of the user's or of another framework is left alone). Elsewhere the flag
-    only answers :func:`request_stop`.
+    signals there), in a single-process run, and where SIGTERM still has its default
+    disposition (a handler of the user's or of another framework is left alone). Elsewhere
+    the flag only answers :func:`request_stop`. In a multi-process run the flag asks JAX's
+    preemption sync point instead (see the module's docstring), unless the user turned
+    JAX's preemption service off (``jax_enable_preemption_service``).
     """
     global _active
     flag = StopFlag()
-    if (
+    if jax.process_count() > 1:
+        flag._synced = bool(jax.config.jax_enable_preemption_service)
+    elif (
         threading.current_thread() is threading.main_thread()
-        and jax.process_count() == 1
         and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     ):
         flag._previous = signal.signal(signal.SIGTERM, flag._on_sigterm)
@@ -128,9 +147,20 @@ def request_stop(reason: str = "request_stop()") -> bool:
     """Asks the run training in this process to stop as SIGTERM would: at the next step or
     chunk boundary, saved, raising :class:`Preempted`. For a scheduler's other signals
     (e.g. Slurm's ``--signal=USR1@60``) or a time budget: call it from a handler or a
-    callback. Returns False when no run with a workdir is training (nothing happens)."""
+    callback. Returns False when no run with a workdir is training (nothing happens).
+
+    Raises:
+      RuntimeError: in a multi-process run, where one process stopping alone would leave
+        the others waiting in a collective; send SIGTERM to any one process instead.
+    """
     if _active is None:
         return False
+    if jax.process_count() > 1:
+        raise RuntimeError(
+            f"request_stop() in a multi-process run ({jax.process_count()} processes): one "
+            "process cannot stop alone; send SIGTERM to any one of them, and JAX's "
+            "preemption service stops them all at the same step"
+        )
     _active.reason = reason
     return True
 

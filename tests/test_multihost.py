@@ -5,7 +5,8 @@ What this shows: the processes form one 4-device mesh; ``fc.fit`` trains the sam
 as one process on one device (array data, replicated), and so does a stream of global
 batches to which each process contributes only its rows (``process_batches``); the Orbax
 checkpoints both processes write together restore in each of them and in a plain
-single-device process. What a real cluster adds (several machines, a shared file
+single-device process; SIGTERM to one process stops both at the same step, saved, and the
+rerun resumes. What a real cluster adds (several machines, a shared file
 system, TPU/GPU interconnects) cannot be tested here.
 """
 
@@ -21,7 +22,7 @@ import jax
 import numpy as np
 
 import flaxconv as fc
-from flaxconv import parallel
+from flaxconv import parallel, preemption
 from flaxconv.checkpoint import load_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +101,40 @@ print(f"process {process_id} OK", flush=True)
 """
 
 
+PREEMPTED_WORKER = COMMON + """
+import os, signal, sys, time
+from flaxconv import parallel
+
+process_id, port, workdir, signal_at = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+assert parallel.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+
+
+class SigtermOnce(fc.callbacks.Callback):
+    \"\"\"Process 1 gets SIGTERM after epoch ``signal_at``; every later epoch takes 0.3 s
+    more, so JAX's notice (about 0.5 s to reach both) arrives well before the end.\"\"\"
+
+    def on_epoch_end(self, epoch, logs, state):
+        if process_id == 1 and epoch == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if epoch >= signal_at >= 0:
+            time.sleep(0.3)
+
+
+images, labels = data()
+mesh = parallel.data_mesh()
+# A stream: the stop flag is asked after every step, Orbax's saves once per epoch.
+state, _ = fc.fit(parallel.replicate(new_state(), mesh), stream(images, labels, mesh),
+                  epochs=PREEMPT_EPOCHS, workdir=workdir, callbacks=[SigtermOnce()],
+                  verbose="silent")
+if process_id == 0:
+    np.savez(workdir + "/../params.npz",
+             **{jax.tree_util.keystr(k): np.asarray(v)
+                for k, v in jax.tree_util.tree_leaves_with_path(state.params)})
+print(f"process {process_id} done", flush=True)
+"""
+PREEMPT_EPOCHS = 16
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -153,3 +188,110 @@ def test_two_processes_train_like_one_device_and_share_checkpoints(tmp_path):
     assert restored.params["head"]["kernel"].sharding.device_set == {cpu}
     chex.assert_trees_all_close(jax.device_get(restored.params),
                                 jax.device_get(fitted.params), rtol=TOL, atol=TOL)
+
+
+def run_two_processes(script: str, *args: str) -> list[tuple[int, str, str]]:
+    """Runs ``script`` as processes 0 and 1 of one JAX job (2 CPU devices each); returns
+    each one's exit status, stdout and stderr."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    port = str(free_port())
+    workers = [
+        subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(i), port, *args],
+                         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+        for i in range(2)
+    ]
+    try:
+        outputs = [worker.communicate(timeout=300) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    return [(w.returncode, out, err) for w, (out, err) in zip(workers, outputs, strict=True)]
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step_and_the_rerun_resumes(tmp_path):
+    """JAX's preemption service catches SIGTERM in a multi-process job; fit asks its sync
+    point at every boundary, so both processes save at one step and exit 143, and running
+    the same command again ends where an uninterrupted run does."""
+    script = PREEMPTED_WORKER.replace("PREEMPT_EPOCHS", str(PREEMPT_EPOCHS))
+    workdir = str(tmp_path / "run")
+    results = run_two_processes(script, workdir, "1")
+    messages = []
+    for i, (status, _, err) in enumerate(results):
+        lines = [line for line in err.splitlines() if line.startswith("preempted (")]
+        assert status == preemption.EXIT_STATUS and len(lines) == 1, f"process {i}:\n{err[-4000:]}"
+        messages.append(lines[0])
+    assert messages[0] == messages[1]  # the same step, the same saved checkpoint
+    step = int(messages[0].split(" at step ")[1].split(",")[0])
+    steps_per_epoch = N // BATCH
+    assert 2 * steps_per_epoch <= step < PREEMPT_EPOCHS * steps_per_epoch, messages[0]
+    assert "SIGTERM" in messages[0] and "run the same command again" in messages[0]
+
+    for i, (status, out, err) in enumerate(run_two_processes(script, workdir, "-1")):
+        assert status == 0 and f"process {i} done" in out, f"process {i}:\n{err[-4000:]}"
+
+    namespace = {}
+    exec(textwrap.dedent(COMMON), namespace)
+    images, labels = namespace["data"]()
+    mesh = parallel.data_mesh([jax.devices("cpu")[0]])
+    reference, _ = fc.fit(parallel.replicate(namespace["new_state"](), mesh),
+                          namespace["stream"](images, labels, mesh), epochs=PREEMPT_EPOCHS,
+                          verbose="silent")
+    resumed = np.load(tmp_path / "params.npz")
+    for key, value in jax.tree_util.tree_leaves_with_path(reference.params):
+        np.testing.assert_allclose(resumed[jax.tree_util.keystr(key)], np.asarray(value),
+                                   rtol=TOL, atol=TOL)
+
+
+def test_request_stop_refuses_a_multi_process_run(tmp_path):
+    """One process stopping alone would leave the other waiting in a collective."""
+    script = COMMON + """
+import sys
+from flaxconv import parallel, preemption
+process_id, port = int(sys.argv[1]), sys.argv[2]
+assert parallel.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+
+
+class Ask(fc.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs, state):
+        try:
+            preemption.request_stop("a time budget")
+        except RuntimeError as error:
+            print("refused:", error, flush=True)
+
+
+images, labels = data()
+fc.fit(new_state(), (images, labels), epochs=2, batch_size=BATCH, workdir=sys.argv[3],
+       callbacks=[Ask()], verbose="silent")
+print(f"process {process_id} done", flush=True)
+"""
+    for i, (status, out, err) in enumerate(run_two_processes(script, str(tmp_path / "run"))):
+        assert status == 0 and f"process {i} done" in out, f"process {i}:\n{err[-4000:]}"
+        assert out.count("refused: request_stop() in a multi-process run (2 processes)") == 2
+        assert "send SIGTERM to any one of them" in out
+
+
+def test_checkpoint_saves_leave_jax_preemption_sync_point_to_the_stop_flag(tmp_path, monkeypatch):
+    """The sync protocol needs one sequence of call ids per process. Orbax's manager would
+    add its own (checkpoint numbers, also from its saving thread), so a stop could land
+    on one of its calls and never on fit's; a Checkpoints save must not call it."""
+    from jax.experimental import multihost_utils
+
+    from flaxconv.checkpoint import Checkpoints
+
+    calls = []
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                        lambda step: calls.append(step) or False)
+    namespace = {}
+    exec(textwrap.dedent(COMMON), namespace)
+    checkpoints = Checkpoints(tmp_path / "checkpoints")
+    try:
+        for epoch in range(2):
+            checkpoints.save(epoch, namespace["new_state"](), {"epoch": epoch})
+        checkpoints.wait()
+    finally:
+        checkpoints.close()
+    assert calls == []
