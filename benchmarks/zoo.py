@@ -1,5 +1,6 @@
-"""Model zoo training speed: flaxconv against Keras 3 (TensorFlow) and PyTorch on five convnets
-(two presets, three hand-written Flax modules), same architecture, data, batch and optimizer.
+"""Model zoo training speed: flaxconv against Keras 3 (TensorFlow) and PyTorch on seven convnets
+(two presets, three hand-written linen modules, two of those architectures written with
+``flax.nnx``), same architecture, data, batch and optimizer.
 
     python benchmarks/zoo.py                                  # every model, the default peers
     python benchmarks/zoo.py --steps 5 --xla-steps 2          # a smoke run
@@ -54,7 +55,10 @@ import warnings
 import numpy as np
 from mnist_speed import keras_epoch_timer, kernels_of, run_worker_process, torch_epochs
 
-MODELS = ("dlwp_mnist", "dlwp_linen", "fashion_cnn", "bn_same", "resnet")
+MODELS = ("dlwp_mnist", "dlwp_linen", "dlwp_nnx", "fashion_cnn", "bn_same", "bn_same_nnx",
+          "resnet")
+# The NNX modules are the linen ones' architectures: the same Keras and PyTorch peers.
+ARCHITECTURE = {"dlwp_nnx": "dlwp_linen", "bn_same_nnx": "bn_same"}
 PEERS = ("flaxconv-fit", "flaxconv-step", "flaxconv-xla", "keras-tf", "keras-jax", "torch")
 DEFAULT_PEERS = ("flaxconv-fit", "flaxconv-step", "flaxconv-xla", "keras-tf", "torch")
 KERAS_PEERS = {"keras-tf": "tensorflow", "keras-jax": "jax"}  # peer -> KERAS_BACKEND
@@ -63,8 +67,9 @@ BATCH = 64
 LR = 1e-3
 NUM_CLASSES = 10
 # Input shape (H, W, C) per model: MNIST for the 28x28 ones, random images for the ResNet.
-INPUT_SHAPES = {"dlwp_mnist": (28, 28, 1), "dlwp_linen": (28, 28, 1),
-                "fashion_cnn": (28, 28, 1), "bn_same": (28, 28, 1), "resnet": (32, 32, 3)}
+INPUT_SHAPES = {"dlwp_mnist": (28, 28, 1), "dlwp_linen": (28, 28, 1), "dlwp_nnx": (28, 28, 1),
+                "fashion_cnn": (28, 28, 1), "bn_same": (28, 28, 1), "bn_same_nnx": (28, 28, 1),
+                "resnet": (32, 32, 3)}
 RESNET_WIDTHS = (16, 32, 64)  # one basic block per stage; stages 2 and 3 halve the map
 
 
@@ -135,12 +140,54 @@ def flax_modules():
     return {"dlwp_linen": DLWPLinen, "bn_same": BNSame, "resnet": SmallResNet}
 
 
+def nnx_modules():
+    """Two of those architectures written as ``flax.nnx`` modules, as an NNX user writes
+    them (``nnx.Conv``, ``nnx.max_pool``, ``nnx.BatchNorm``, ``nnx.Linear``)."""
+    from flax import nnx
+
+    glorot = nnx.initializers.glorot_uniform()
+
+    class DLWPNNX(nnx.Module):
+        def __init__(self, *, rngs: nnx.Rngs):
+            conv = lambda i, o: nnx.Conv(i, o, (3, 3), padding="VALID", kernel_init=glorot,
+                                         rngs=rngs)
+            self.convs = nnx.List([conv(1, 32), conv(32, 64), conv(64, 128)])
+            self.head = nnx.Linear(3 * 3 * 128, NUM_CLASSES, kernel_init=glorot, rngs=rngs)
+
+        def __call__(self, x):
+            for conv in self.convs[:2]:
+                x = nnx.max_pool(nnx.relu(conv(x)), (2, 2), strides=(2, 2))
+            x = nnx.relu(self.convs[2](x))
+            return self.head(x.reshape(x.shape[0], -1))
+
+    class BNSameNNX(nnx.Module):
+        def __init__(self, *, rngs: nnx.Rngs):
+            self.convs = nnx.List([
+                nnx.Conv(i, o, (3, 3), padding="SAME", kernel_init=glorot, rngs=rngs)
+                for i, o in ((1, 32), (32, 64))])
+            self.norms = nnx.List([nnx.BatchNorm(c, momentum=0.99, epsilon=1e-3, rngs=rngs)
+                                   for c in (32, 64)])
+            self.head = nnx.Linear(7 * 7 * 64, NUM_CLASSES, kernel_init=glorot, rngs=rngs)
+
+        def __call__(self, x):
+            for conv, norm in zip(self.convs, self.norms, strict=True):
+                x = nnx.max_pool(nnx.relu(norm(conv(x))), (2, 2), strides=(2, 2))
+            return self.head(x.reshape(x.shape[0], -1))
+
+    return {"dlwp_nnx": DLWPNNX, "bn_same_nnx": BNSameNNX}
+
+
 def flax_model(name: str):
-    """The linen module of ``name``: a preset from ``fc.models.get`` or a hand-written one."""
+    """The module of ``name``: a preset from ``fc.models.get``, a hand-written linen module,
+    or an NNX module instance."""
     if name in ("dlwp_mnist", "fashion_cnn"):
         import flaxconv as fc
 
         return fc.models.get(name, num_classes=NUM_CLASSES)
+    if name in ARCHITECTURE:
+        from flax import nnx
+
+        return nnx_modules()[name](rngs=nnx.Rngs(0))
     return flax_modules()[name]()
 
 
@@ -148,6 +195,7 @@ def flax_model(name: str):
 
 
 def keras_model(name: str, keras):
+    name = ARCHITECTURE.get(name, name)
     L = keras.layers
     inputs = keras.Input(INPUT_SHAPES[name])
     h = inputs
@@ -184,6 +232,7 @@ def keras_model(name: str, keras):
 def torch_model(name: str):
     from torch import nn
 
+    name = ARCHITECTURE.get(name, name)
     bn = lambda c: nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)  # Keras's momentum 0.99
     if name in ("dlwp_mnist", "dlwp_linen"):
         return nn.Sequential(

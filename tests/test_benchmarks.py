@@ -91,21 +91,16 @@ def test_gemm_bound_does_the_flops_it_is_compared_with():
     assert winograd.count(("winograd_1 forward", 64 * 25, 32, 64)) == 16
 
 
-def flax_param_count(model, shape) -> int:
-    variables = model.init(jax.random.key(0), np.zeros((1, *shape), np.float32), train=False)
-    return fc.state.num_params(variables["params"])
-
-
 @pytest.mark.parametrize("name", zoo.MODELS)
 def test_zoo_models_have_the_same_parameters_in_every_framework(name):
     shape = zoo.INPUT_SHAPES[name]
-    model = zoo.flax_model(name)
-    count = flax_param_count(model, shape)
-    if name in ("dlwp_mnist", "dlwp_linen"):
+    tx = fc.optim.make("rmsprop", learning_rate=1e-3)
+    images = np.zeros((2, *shape), np.uint8)
+    state = fc.create_train_state(jax.random.key(0), zoo.flax_model(name), tx, images[:1])
+    count = fc.state.num_params(state.params)
+    if name in ("dlwp_mnist", "dlwp_linen", "dlwp_nnx"):
         assert count == 104_202  # the preset's, as Keras's summary counts it
-    images = np.zeros((2, *shape), np.float32)
-    variables = model.init(jax.random.key(0), images, train=False)
-    assert model.apply(variables, images, train=False).shape == (2, zoo.NUM_CLASSES)
+    assert fc.predict(state, images).shape == (2, zoo.NUM_CLASSES)
     keras = pytest.importorskip("keras")
     keras_model = zoo.keras_model(name, keras)
     assert sum(int(np.prod(w.shape)) for w in keras_model.trainable_weights) == count
@@ -118,13 +113,18 @@ def test_zoo_models_have_the_same_parameters_in_every_framework(name):
     assert tuple(out.shape) == (2, zoo.NUM_CLASSES)
 
 
-def test_the_hand_written_dlwp_gets_the_presets_formulations():
+def test_the_hand_written_dlwps_linen_and_nnx_get_the_presets_formulations():
     tx = fc.optim.make("rmsprop", learning_rate=1e-3)
     images = np.zeros((1, 28, 28, 1), np.uint8)
-    preset, linen = (fc.create_train_state(jax.random.key(0), zoo.flax_model(name), tx, images,
-                                           kernels="cpu") for name in ("dlwp_mnist", "dlwp_linen"))
-    # The same formulation per layer (module names differ: conv_i vs Conv_i).
-    assert mnist_speed.kernels_of(linen).lower() == mnist_speed.kernels_of(preset).lower()
+    preset, linen, nnx = (
+        fc.create_train_state(jax.random.key(0), zoo.flax_model(name), tx, images, kernels="cpu")
+        for name in ("dlwp_mnist", "dlwp_linen", "dlwp_nnx"))
+    # The same formulation per layer (the layers' names differ: conv_0, Conv_0, conv 3x3).
+    formulations = [[layer.rsplit(": ", 1)[-1]
+                     for layer in mnist_speed.kernels_of(state).split(" · ")]
+                    for state in (preset, linen, nnx)]
+    assert formulations[0] == formulations[1] == formulations[2], formulations
+    assert formulations[0][:2] == ["fused(+relu,pool)", "winograd(+relu,pool)"]
 
 
 def test_zoo_ratios_divide_by_keras_tf_or_else_by_keras_on_jax():
