@@ -33,7 +33,7 @@ formulation of each conv and pool layer (``fc.steps.explain_kernels``) and count
 fallbacks to XLA's own operations. The flaxconv workers can run on another interpreter
 (``--flaxconv-python``, e.g. a venv with a newer jax); a peer whose packages are missing is
 skipped with one line. The defaults (100 steps, 10 for flaxconv-xla, best of 3) take about
-10 minutes on the 2-core development machine when it is otherwise idle.
+14 minutes (seven models) on the 2-core development machine when it is otherwise idle.
 """
 
 from __future__ import annotations
