@@ -103,7 +103,7 @@ print(f"process {process_id} OK", flush=True)
 
 PREEMPTED_WORKER = COMMON + """
 import os, signal, sys, time
-from flaxconv import parallel
+from flaxconv import parallel, preemption
 
 process_id, port, workdir, signal_at = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 assert parallel.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
@@ -111,13 +111,19 @@ assert parallel.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=proc
 
 class SigtermOnce(fc.callbacks.Callback):
     \"\"\"Process 1 gets SIGTERM after epoch ``signal_at``; every later epoch takes 0.3 s
-    more, so JAX's notice (about 0.5 s to reach both) arrives well before the end.\"\"\"
+    more, so JAX's notice (about 0.5 s to reach both) arrives well before the end. Without
+    a signal (the rerun), each process tries request_stop() once.\"\"\"
 
     def on_epoch_end(self, epoch, logs, state):
         if process_id == 1 and epoch == signal_at:
             os.kill(os.getpid(), signal.SIGTERM)
         if epoch >= signal_at >= 0:
             time.sleep(0.3)
+        if signal_at < 0 and epoch == PREEMPT_EPOCHS - 1:
+            try:
+                preemption.request_stop("a time budget")
+            except RuntimeError as error:
+                print("refused:", error, flush=True)
 
 
 images, labels = data()
@@ -215,7 +221,8 @@ def run_two_processes(script: str, *args: str) -> list[tuple[int, str, str]]:
 def test_sigterm_to_one_process_stops_all_at_the_same_step_and_the_rerun_resumes(tmp_path):
     """JAX's preemption service catches SIGTERM in a multi-process job; fit asks its sync
     point at every boundary, so both processes save at one step and exit 143, and running
-    the same command again ends where an uninterrupted run does."""
+    the same command again ends where an uninterrupted run does. request_stop() is refused
+    there."""
     script = PREEMPTED_WORKER.replace("PREEMPT_EPOCHS", str(PREEMPT_EPOCHS))
     workdir = str(tmp_path / "run")
     results = run_two_processes(script, workdir, "1")
@@ -232,6 +239,9 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step_and_the_rerun_resumes
 
     for i, (status, out, err) in enumerate(run_two_processes(script, workdir, "-1")):
         assert status == 0 and f"process {i} done" in out, f"process {i}:\n{err[-4000:]}"
+        # One process cannot stop alone: the other would wait in a collective.
+        assert "refused: request_stop() in a multi-process run (2 processes)" in out, out
+        assert "send SIGTERM to any one of them" in out
 
     namespace = {}
     exec(textwrap.dedent(COMMON), namespace)
@@ -244,34 +254,6 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step_and_the_rerun_resumes
     for key, value in jax.tree_util.tree_leaves_with_path(reference.params):
         np.testing.assert_allclose(resumed[jax.tree_util.keystr(key)], np.asarray(value),
                                    rtol=TOL, atol=TOL)
-
-
-def test_request_stop_refuses_a_multi_process_run(tmp_path):
-    """One process stopping alone would leave the other waiting in a collective."""
-    script = COMMON + """
-import sys
-from flaxconv import parallel, preemption
-process_id, port = int(sys.argv[1]), sys.argv[2]
-assert parallel.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
-
-
-class Ask(fc.callbacks.Callback):
-    def on_epoch_end(self, epoch, logs, state):
-        try:
-            preemption.request_stop("a time budget")
-        except RuntimeError as error:
-            print("refused:", error, flush=True)
-
-
-images, labels = data()
-fc.fit(new_state(), (images, labels), epochs=2, batch_size=BATCH, workdir=sys.argv[3],
-       callbacks=[Ask()], verbose="silent")
-print(f"process {process_id} done", flush=True)
-"""
-    for i, (status, out, err) in enumerate(run_two_processes(script, str(tmp_path / "run"))):
-        assert status == 0 and f"process {i} done" in out, f"process {i}:\n{err[-4000:]}"
-        assert out.count("refused: request_stop() in a multi-process run (2 processes)") == 2
-        assert "send SIGTERM to any one of them" in out
 
 
 def test_checkpoint_saves_leave_jax_preemption_sync_point_to_the_stop_flag(tmp_path, monkeypatch):
