@@ -110,15 +110,23 @@ assert parallel.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=proc
 
 
 class SigtermOnce(fc.callbacks.Callback):
-    \"\"\"Process 1 gets SIGTERM after epoch ``signal_at``; every later epoch takes 0.3 s
-    more, so JAX's notice (about 0.5 s to reach both) arrives well before the end. Without
-    a signal (the rerun), each process tries request_stop() once.\"\"\"
+    \"\"\"Process 1 gets SIGTERM after epoch ``signal_at``; every later step takes 50 ms
+    more, so JAX's notice (about 0.5 s to reach both) arrives well before the end, most
+    likely inside an epoch. Without a signal (the rerun), each process tries request_stop()
+    once.\"\"\"
+
+    batch_interval = 1
+    signalled = False
+
+    def on_train_batch_end(self, batch, logs, state):
+        if self.signalled:
+            time.sleep(0.05)
 
     def on_epoch_end(self, epoch, logs, state):
-        if process_id == 1 and epoch == signal_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        if epoch >= signal_at >= 0:
-            time.sleep(0.3)
+        if epoch == signal_at:
+            self.signalled = True
+            if process_id == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
         if signal_at < 0 and epoch == PREEMPT_EPOCHS - 1:
             try:
                 preemption.request_stop("a time budget")
@@ -220,9 +228,9 @@ def run_two_processes(script: str, *args: str) -> list[tuple[int, str, str]]:
 
 def test_sigterm_to_one_process_stops_all_at_the_same_step_and_the_rerun_resumes(tmp_path):
     """JAX's preemption service catches SIGTERM in a multi-process job; fit asks its sync
-    point at every boundary, so both processes save at one step and exit 143, and running
-    the same command again ends where an uninterrupted run does. request_stop() is refused
-    there."""
+    point after every step of a stream, so both processes save at one step (mostly inside
+    an epoch: the partial-epoch checkpoint) and exit 143, and running the same command
+    again ends where an uninterrupted run does. request_stop() is refused there."""
     script = PREEMPTED_WORKER.replace("PREEMPT_EPOCHS", str(PREEMPT_EPOCHS))
     workdir = str(tmp_path / "run")
     results = run_two_processes(script, workdir, "1")
