@@ -7,7 +7,8 @@ the variables become plain nested dicts of arrays (``nnx.to_pure_dict``): ``para
 back into a fresh module (``nnx.merge``) inside the traced function, with the signature of
 linen's ``Module.apply``, so every step, evaluation, population and feature-map function
 calls both kinds of model alike, and a step stays a pure function of its inputs.
-:func:`call_layers` runs a module and records its layers' outputs (summaries, feature maps).
+:func:`call_layers` runs a module and records its layers' outputs (summaries, feature maps);
+:func:`call_named` runs it with each layer's operations named by its path (``explain_kernels``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dataclasses
 import functools
 import inspect
 import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -123,7 +125,7 @@ class NNXModel:
 
     def apply(self, variables: dict[str, Any], images: jax.Array, *, train: bool,
               rngs: dict[str, jax.Array] | None = None, mutable: Any = False,
-              capture: tuple[str, ...] = ()) -> Any:
+              capture: tuple[str, ...] = (), name_layers: bool = False) -> Any:
         """The module's forward pass as a pure function of arrays, like linen's ``apply``.
 
         Args:
@@ -135,6 +137,8 @@ class NNXModel:
             statistics in training) as ``{"batch_stats": ...}``, structured as the input's.
           capture: names of layers (see :func:`call_layers`) whose outputs to return too,
             as ``{"intermediates": {name: output of its first call}}``.
+          name_layers: trace each layer inside a ``jax.named_scope`` of its path (see
+            :func:`call_named`), for introspection only.
 
         Returns:
           ``logits``, or ``(logits, updates)`` when ``mutable`` or ``capture`` is set.
@@ -151,6 +155,8 @@ class NNXModel:
             for name, _, out in layers:
                 first.setdefault(name, out)
             updates["intermediates"] = {name: first[name] for name in capture}
+        elif name_layers:
+            logits = call_named(module, images, **kwargs)
         else:
             logits = module(images, **kwargs)
         if mutable:
@@ -190,42 +196,37 @@ def split_nnx(module: nnx.Module) -> tuple[NNXModel, dict[str, Any], dict[str, A
     return model, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
 
 
-def call_layers(module: nnx.Module, images: jax.Array, **kwargs: Any
-                ) -> tuple[Any, list[tuple[str, str, Any]]]:
-    """``module(images, **kwargs)`` and its layers' outputs: ``(logits, [(name, type,
-    output), ...])`` in call order.
+@contextlib.contextmanager
+def _submodule_calls(module: nnx.Module,
+                     around: Callable[[tuple[Any, ...], tuple[Any, ...] | None, Any, Callable],
+                                      Any]) -> Iterator[None]:
+    """While active, each call of a submodule of ``module`` (not the root) returns
+    ``around(path, parent, submodule, call)``: ``path`` its attribute path, ``parent`` the
+    path of the submodule whose call it is inside (None at the top), ``call()`` the call
+    itself. A submodule's call from inside its own (``super().__call__``) is not seen again.
 
-    A layer is a submodule called while no other submodule (only the root) is running:
-    the root's own layers, as in a Keras summary. ``name`` is its attribute path joined by
-    ``/`` (``"conv1"``, ``"blocks/0"``), ``type`` its class name; a layer called twice is
-    listed twice. Functions such as ``nnx.max_pool`` are not modules and are not listed.
-
-    The calls are seen by wrapping ``__call__`` of the module classes while ``module``
-    runs (as ``nnx.capture`` does for its method outputs), so it is not thread-safe; it is
-    for summaries and feature maps, never for the training steps.
+    It wraps ``__call__`` of the module classes, as ``nnx.capture`` does for its method
+    outputs, so it is not thread-safe: for summaries, feature maps and :func:`explain`-style
+    introspection, never for the training steps.
     """
     paths: dict[int, tuple[Any, ...]] = {}
     for path, sub in nnx.iter_modules(module):
         paths.setdefault(id(sub), tuple(path))
-    layers: list[tuple[str, str, Any]] = []
-    running: list[int] = []  # ids of the submodules being called, outermost first
+    running: list[tuple[int, tuple[Any, ...]]] = []  # (id, path), outermost first
 
     def wrap(original):
         @functools.wraps(original)
-        def recorded(self, *args, **kw):
+        def wrapped(self, *args, **kw):
             path = paths.get(id(self))
-            if not path or id(self) in running:  # the root, another module, or super()
+            if not path or any(id(self) == i for i, _ in running):  # root, other, super()
                 return original(self, *args, **kw)
-            top = not running
-            running.append(id(self))
+            parent = running[-1][1] if running else None
+            running.append((id(self), path))
             try:
-                out = original(self, *args, **kw)
+                return around(path, parent, self, lambda: original(self, *args, **kw))
             finally:
                 running.pop()
-            if top:
-                layers.append(("/".join(map(str, path)), type(self).__name__, out))
-            return out
-        return recorded
+        return wrapped
 
     classes = {}
     for _, sub in nnx.iter_modules(module):
@@ -236,5 +237,45 @@ def call_layers(module: nnx.Module, images: jax.Array, **kwargs: Any
         for owner, original in classes.items():
             owner.__call__ = wrap(original)
             restore.callback(setattr, owner, "__call__", original)
+        yield
+
+
+def call_layers(module: nnx.Module, images: jax.Array, **kwargs: Any
+                ) -> tuple[Any, list[tuple[str, str, Any]]]:
+    """``module(images, **kwargs)`` and its layers' outputs: ``(logits, [(name, type,
+    output), ...])`` in call order.
+
+    A layer is a submodule called while no other submodule (only the root) is running:
+    the root's own layers, as in a Keras summary. ``name`` is its attribute path joined by
+    ``/`` (``"conv1"``, ``"blocks/0"``), ``type`` its class name; a layer called twice is
+    listed twice. Functions such as ``nnx.max_pool`` are not modules and are not listed.
+    Not thread-safe (see :func:`_submodule_calls`): for summaries and feature maps.
+    """
+    layers: list[tuple[str, str, Any]] = []
+
+    def record(path, parent, sub, call):
+        out = call()
+        if parent is None:
+            layers.append(("/".join(map(str, path)), type(sub).__name__, out))
+        return out
+
+    with _submodule_calls(module, record):
         logits = module(images, **kwargs)
     return logits, layers
+
+
+def call_named(module: nnx.Module, images: jax.Array, **kwargs: Any) -> Any:
+    """``module(images, **kwargs)`` inside a ``jax.named_scope`` of its class name, and
+    each submodule's call inside one of its attribute path (``CNN/convs/0``,
+    ``CNN/block/conv1``), so that a trace's operations name their layer as linen's do
+    (``CNN/Conv_0``). For :func:`flaxconv.steps.explain_kernels`; not thread-safe (see
+    :func:`_submodule_calls`).
+    """
+    def named(path, parent, sub, call):
+        if parent is not None and path[:len(parent)] == parent:
+            path = path[len(parent):]  # inside its parent's scope already
+        with jax.named_scope("/".join(map(str, path))):
+            return call()
+
+    with _submodule_calls(module, named), jax.named_scope(type(module).__name__):
+        return module(images, **kwargs)

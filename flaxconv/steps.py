@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from flaxconv import kernels
+from flaxconv.nnx_model import NNXModel
 from flaxconv.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -153,8 +154,10 @@ def explain_kernels(state: TrainState, images: Any, train: bool = True
     x = jax.ShapeDtypeStruct(tuple(np.shape(images)), jnp.float32)
     mutable = ["batch_stats"] if train and state.batch_stats else False
     rngs = state.step_rngs() if train else None
-    return kernels.explain(_forward(state, train, mutable=mutable), state.variables(), x, rngs,
-                           policy=state.kernels)
+    # An NNX module's operations carry no layer names unless its calls are scoped.
+    named = {"name_layers": True} if isinstance(state.model, NNXModel) else {}
+    return kernels.explain(_forward(state, train, mutable=mutable, **named), state.variables(),
+                           x, rngs, policy=state.kernels)
 
 
 def example_losses(logits: jax.Array, labels: jax.Array, mask: jax.Array

@@ -119,7 +119,7 @@ def test_the_hand_written_dlwps_linen_and_nnx_get_the_presets_formulations():
     preset, linen, nnx = (
         fc.create_train_state(jax.random.key(0), zoo.flax_model(name), tx, images, kernels="cpu")
         for name in ("dlwp_mnist", "dlwp_linen", "dlwp_nnx"))
-    # The same formulation per layer (the layers' names differ: conv_0, Conv_0, conv 3x3).
+    # The same formulation per layer (the layers' names differ: conv_0, Conv_0, convs/0).
     formulations = [[layer.rsplit(": ", 1)[-1]
                      for layer in mnist_speed.kernels_of(state).split(" · ")]
                     for state in (preset, linen, nnx)]

@@ -199,6 +199,46 @@ def test_explain_kernels_puts_nnx_convolutions_through_the_seam():
         pools = [c for c in choices if "pool" in c.op]
         assert len(convs) == 2 and len(pools) == 2, choices
         assert not any(c.fallback for c in convs + pools), choices
+        # Named by their attribute paths, as a linen module's layers are by theirs.
+        assert [c.layer for c in convs] == ["CNN/conv1", "CNN/conv2"], choices
+
+
+class ScaledConv(nnx.Conv):
+    """A user's subclass that calls the layer it extends."""
+
+    def __call__(self, x):
+        return 2.0 * super().__call__(x)
+
+
+class Block(nnx.Module):
+    def __init__(self, *, rngs):
+        self.conv = ScaledConv(1, 4, (3, 3), padding="SAME", rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.relu(self.conv(x))
+
+
+class Nested(nnx.Module):
+    def __init__(self, *, rngs):
+        self.blocks = nnx.List([Block(rngs=rngs)])
+        self.last = nnx.Conv(4, 4, (3, 3), padding="VALID", rngs=rngs)
+        self.head = nnx.Linear(4 * 10 * 10, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.last(self.blocks[0](x))
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+def test_explain_kernels_names_nested_nnx_layers_by_path_and_trains_unchanged():
+    state = make_state(Nested(rngs=rngs()))
+    choices = fc.steps.explain_kernels(state, np.zeros((2, 12, 12, 1), np.uint8))
+    assert [c.layer for c in choices] == ["Nested/blocks/0/conv", "Nested/last"], choices
+    # The scopes are for the explanation only: the classes are as they were.
+    assert ScaledConv.__call__.__qualname__ == "ScaledConv.__call__"
+    assert nnx.Conv.__call__.__qualname__ == "Conv.__call__"
+    logits = fc.predict(state, batch(2)["image"])
+    module = state.model.merge(state.params, state.batch_stats)
+    np.testing.assert_allclose(logits, module(batch(2)["image"]), rtol=1e-5, atol=1e-5)
 
 
 def test_per_example_grads_and_sharded_step():
