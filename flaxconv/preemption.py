@@ -15,7 +15,9 @@ the others would wait forever in a collective. There the signal is JAX's to catc
 preemption service (on by default) handles SIGTERM in each process and tells all of them,
 and the run asks :func:`jax.experimental.multihost_utils.reached_preemption_sync_point` at
 each step or chunk boundary; all processes get True at the same boundary, save together
-and exit with status 143.
+and exit with status 143. The protocol needs one sequence of call ids per process, so
+nothing else may call it while ``fit`` trains: flaxconv's checkpoints never do (an Orbax
+``CheckpointManager``'s saves otherwise would), nor may a callback's own manager.
 
 The anchors are TensorFlow's ``PreemptionCheckpointHandler`` (save at the next step after
 the signal, then exit) and Keras's ``BackupAndRestore`` (resume mid-epoch by skipping the
