@@ -206,8 +206,8 @@ def _submodule_calls(module: nnx.Module,
     itself. A submodule's call from inside its own (``super().__call__``) is not seen again.
 
     It wraps ``__call__`` of the module classes, as ``nnx.capture`` does for its method
-    outputs, so it is not thread-safe: for summaries, feature maps and :func:`explain`-style
-    introspection, never for the training steps.
+    outputs, so it is not thread-safe: for summaries, feature maps and
+    ``explain_kernels``, never for the training steps.
     """
     paths: dict[int, tuple[Any, ...]] = {}
     for path, sub in nnx.iter_modules(module):
