@@ -30,7 +30,10 @@ steps; ms/step is the best timed epoch divided by its steps. The opt-out rows
 Keras" divides ms/step by Keras-TF's on the same model, or by Keras-JAX's where no Keras-TF
 row ran. The flaxconv rows name the
 formulation of each conv and pool layer (``fc.steps.explain_kernels``) and count the
-fallbacks to XLA's own operations. The flaxconv workers can run on another interpreter
+fallbacks to XLA's own operations. Each flaxconv worker then times a jitted 2048x2048
+float32 matmul, and the machine line gives their range: on a shared CPU the machine's speed
+moves the ratios (by up to 1.6x between sessions here). The flaxconv workers can run on
+another interpreter
 (``--flaxconv-python``, e.g. a venv with a newer jax); a peer whose packages are missing is
 skipped with one line. The defaults (100 steps, 10 for flaxconv-xla, best of 3) take about
 14 minutes (seven models) on the 2-core development machine when it is otherwise idle.
@@ -53,7 +56,13 @@ import time
 import warnings
 
 import numpy as np
-from mnist_speed import keras_epoch_timer, kernels_of, run_worker_process, torch_epochs
+from mnist_speed import (
+    keras_epoch_timer,
+    kernels_of,
+    matmul_peak_gflops,
+    run_worker_process,
+    torch_epochs,
+)
 
 MODELS = ("dlwp_mnist", "dlwp_linen", "dlwp_nnx", "fashion_cnn", "bn_same", "bn_same_nnx",
           "resnet")
@@ -310,8 +319,10 @@ def run_flaxconv(model_name: str, peer: str, x, y, steps: int, repeats: int) -> 
             epoch_seconds = history["epoch_seconds"]
     rewrite_warnings = sorted({str(w.message) for w in caught
                                if "flaxconv.kernels" in str(w.message)})
+    # The machine's speed at the time: on a shared CPU it moves the ratios by up to 1.6x.
+    peak = matmul_peak_gflops(repeats=5, numpy=False)["jax"]
     return {"epoch_seconds": epoch_seconds, "kernels": kernels, "formulations": formulations,
-            "warnings": rewrite_warnings,
+            "warnings": rewrite_warnings, "matmul_gflops": peak,
             "device": f"{jax.devices()[0]} ({jax.devices()[0].device_kind})"}
 
 
@@ -470,6 +481,10 @@ def describe(info: dict) -> str:
         text += f"; devices: {', '.join(info['devices'])}"
     if "flaxconv_python" in info:
         text += f"; flaxconv rows: {one(info['flaxconv_python'])}"
+    if info.get("matmul_gflops"):
+        low, high = info["matmul_gflops"]
+        text += (f"; jitted 2048x2048 float32 matmul after each flaxconv row: "
+                 f"{low}-{high} GFLOP/s")
     return text
 
 
@@ -543,6 +558,9 @@ def main(argv=None) -> None:
                 for warning in result.get("warnings", []):
                     print(f"  warning: {warning}", flush=True)
     info["devices"] = sorted({r.raw["device"] for r in rows if r.raw.get("device")})
+    peaks = [r.raw["matmul_gflops"] for r in rows if "matmul_gflops" in r.raw]
+    if peaks:
+        info["matmul_gflops"] = [round(min(peaks)), round(max(peaks))]
     out = table(rows)
     print("\n" + describe(info) + "\n\n" + out)
     if args.out:

@@ -160,3 +160,12 @@ def test_the_step_profiler_times_the_operations_of_the_compiled_program(tmp_path
     jax.profiler.stop_trace()
     times = profile_step.op_times(str(tmp_path / "trace"), ops)
     assert times and set(times) <= set(ops) and all(t > 0 for t in times.values())
+
+
+def test_the_zoo_machine_line_gives_the_matmul_peak_range_of_its_flaxconv_rows():
+    info = {"date": "2026-12-06 01:57", "machine": "vm, x86_64", "cpus": 2,
+            "peers_python": {"python": "3.11.7"}}
+    assert "GFLOP/s" not in zoo.describe(info)
+    info["matmul_gflops"] = [190, 213]
+    assert zoo.describe(info).endswith(
+        "; jitted 2048x2048 float32 matmul after each flaxconv row: 190-213 GFLOP/s")
