@@ -10,6 +10,7 @@ rerun resumes. What a real cluster adds (several machines, a shared file
 system, TPU/GPU interconnects) cannot be tested here.
 """
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -155,19 +156,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one_device_and_share_checkpoints(tmp_path):
+@contextlib.contextmanager
+def two_processes(script: str, *args: str):
+    """Starts ``script`` as processes 0 and 1 of one JAX job (2 CPU devices each), runs the
+    ``with`` block meanwhile, then waits for them: the list it yields is filled with each
+    one's ``(exit status, stdout, stderr)``."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu"}
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(name, None)
     port = str(free_port())
-    script = textwrap.dedent(WORKER)
     workers = [
-        subprocess.Popen([sys.executable, "-c", script, str(i), port, str(tmp_path)], env=env,
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(i), port, *args],
+                         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
         for i in range(2)
     ]
+    results: list[tuple[int, str, str]] = []
     try:
+        yield results
+        for worker in workers:
+            out, err = worker.communicate(timeout=300)
+            results.append((worker.returncode, out, err))
+    finally:
+        for worker in workers:
+            worker.kill()
+
+
+def run_two_processes(script: str, *args: str) -> list[tuple[int, str, str]]:
+    """:func:`two_processes` with nothing to do meanwhile."""
+    with two_processes(script, *args) as results:
+        pass
+    return results
+
+
+def test_two_processes_train_like_one_device_and_share_checkpoints(tmp_path):
+    with two_processes(WORKER, str(tmp_path)) as results:
         # The reference, meanwhile: the same training in this single process, on one CPU
         # device (like the workers: a GPU's float rounding would differ by more than TOL).
         namespace = {}
@@ -181,12 +205,8 @@ def test_two_processes_train_like_one_device_and_share_checkpoints(tmp_path):
                                  verbose="silent")
         streamed, _ = fc.fit(one(), namespace["stream"](images, labels, mesh), epochs=EPOCHS,
                              verbose="silent")
-        outputs = [worker.communicate(timeout=300) for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-    for i, (worker, (out, err)) in enumerate(zip(workers, outputs, strict=True)):
-        assert worker.returncode == 0 and f"process {i} OK" in out, f"process {i}:\n{err[-4000:]}"
+    for i, (status, out, err) in enumerate(results):
+        assert status == 0 and f"process {i} OK" in out, f"process {i}:\n{err[-4000:]}"
 
     result = np.load(tmp_path / "result.npz")
     for key in ("loss", "val_loss"):
@@ -202,28 +222,6 @@ def test_two_processes_train_like_one_device_and_share_checkpoints(tmp_path):
     assert restored.params["head"]["kernel"].sharding.device_set == {cpu}
     chex.assert_trees_all_close(jax.device_get(restored.params),
                                 jax.device_get(fitted.params), rtol=TOL, atol=TOL)
-
-
-def run_two_processes(script: str, *args: str) -> list[tuple[int, str, str]]:
-    """Runs ``script`` as processes 0 and 1 of one JAX job (2 CPU devices each); returns
-    each one's exit status, stdout and stderr."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu"}
-    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(name, None)
-    port = str(free_port())
-    workers = [
-        subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(i), port, *args],
-                         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-        for i in range(2)
-    ]
-    try:
-        outputs = [worker.communicate(timeout=300) for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-    return [(w.returncode, out, err) for w, (out, err) in zip(workers, outputs, strict=True)]
 
 
 def test_sigterm_to_one_process_stops_all_at_the_same_step_and_the_rerun_resumes(tmp_path):
